@@ -1,0 +1,74 @@
+"""Process plumbing shared by every zexec process: logging, and dying with the parent."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import sys
+import threading
+
+_FORMAT = "%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s"
+
+
+def setup_logging(level: int | str = None) -> None:
+    level = level or os.environ.get("ZEXEC_LOG_LEVEL", "INFO")
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(_FORMAT))
+    root.addHandler(handler)
+    root.setLevel(level)
+
+
+def _set_pdeathsig(sig: int) -> None:
+    """Linux: have the kernel send ``sig`` when the parent thread exits."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(sig), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except Exception:  # noqa: BLE001 - the polling watchdog below still works
+        pass
+
+
+def watch_parent(parent_pid: int, on_death=None, interval: float = 0.25) -> None:
+    """Exit when ``parent_pid`` is gone (it exited, or was killed with SIGKILL).
+
+    PR_SET_PDEATHSIG covers the common case at once; a daemon thread polling
+    ``getppid`` covers the rest (the signal is tied to the parent *thread*).
+    """
+    if parent_pid <= 1:
+        return
+    _set_pdeathsig(signal.SIGTERM)
+    if os.getppid() != parent_pid:
+        _die(on_death)
+
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.wait(interval):
+            if os.getppid() != parent_pid:
+                _die(on_death)
+
+    threading.Thread(target=loop, name="zexec-parent-watch", daemon=True).start()
+
+
+def _die(on_death) -> None:
+    if on_death is not None:
+        try:
+            on_death()
+        except Exception:  # noqa: BLE001
+            pass
+    os._exit(3)
+
+
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit so ``finally`` blocks and context teardown run."""
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)

@@ -1,0 +1,482 @@
+"""The client: one IO thread owns every cluster socket and resolves futures.
+
+::
+
+    user threads: submit() pickles, signs, appends to the outbox, wakes the IO thread
+                  (a pipe byte, written only when the IO thread may be asleep)
+                                 |
+    IO thread  --DEALER--> task scheduler   apply/abort requests; replies back
+               --DEALER--> MUX device       engine-targeted requests; replies back
+               --DEALER--> control device   aborts for engine-targeted tasks
+               --DEALER--> registrar        connection and status queries
+               <--SUB----- IOPub device     task started (future -> RUNNING), output
+               <--SUB----- hub notifications engines joining/leaving; hub_beat
+
+Futures are ``concurrent.futures.Future`` objects resolved from the IO thread.  A
+registry maps each message id to its future until the reply comes, the future is
+cancelled, its engine dies, or the hub is lost; then the entry goes, so finished
+futures are never retained here.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import logging
+import os
+import sys
+import threading
+import time
+import weakref
+from concurrent.futures import Future
+from concurrent.futures._base import PENDING
+from typing import Any, Callable
+
+import zmq
+
+from . import serialize
+from .connection import ConnectionInfo
+from .errors import ClusterLostError, EngineDiedError, ProtocolError, ZexecError
+from .protocol import RateLimitedLog, Session, loads, split_idents
+
+log = logging.getLogger("zexec.client")
+
+#: a client that hears nothing from the hub for this long declares the cluster lost
+HUB_TIMEOUT = 5.0
+FN_CACHE_SIZE = 128
+
+_clients: "weakref.WeakSet[Client]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    for c in list(_clients):
+        c.close()
+
+
+class ZFuture(Future):
+    """A Future whose successful ``cancel()`` also drops the task wherever it waits."""
+
+    __slots__ = ()
+
+    def cancel(self) -> bool:
+        with self._condition:
+            was_pending = self._state == PENDING
+        ok = super().cancel()
+        if ok and was_pending:
+            client = getattr(self, "_zclient", None)
+            if client is not None:
+                client._abort(self)
+        return ok
+
+
+class Client:
+    """A connection to one cluster, shared by its ZmqExecutor and DirectViews."""
+
+    def __init__(self, connection: str | ConnectionInfo, *, timeout: float = 10.0,
+                 forward_output: bool = True) -> None:
+        info = connection if isinstance(connection, ConnectionInfo) else ConnectionInfo.read(connection)
+        self.info = info
+        self.session = Session(info.key_bytes)
+        self.forward_output = forward_output
+        self.ctx = zmq.Context()
+        self._futures: dict[str, tuple[Future, int | None]] = {}
+        self._outbox: collections.deque = collections.deque()
+        self._requests: dict[str, Future] = {}
+        self._engines: dict[int, dict] = {}
+        self._dead: dict[int, dict] = {}
+        self._cond = threading.Condition()
+        self._broken: BaseException | None = None
+        self._closing = False
+        self._fn_cache: collections.OrderedDict = collections.OrderedDict()
+        self._fn_lock = threading.Lock()
+        self._bad = RateLimitedLog(log)
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        self._wake_pending = False
+        try:
+            reply = self._connect(timeout)
+        except BaseException:
+            self.ctx.destroy(linger=0)
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            raise
+        for info_ in reply["engines"].values():
+            self._engines[info_["id"]] = info_
+        self._last_beat = time.monotonic()
+        self._thread = threading.Thread(target=self._io_loop, name="zexec-client-io", daemon=True)
+        self._thread.start()
+        _clients.add(self)
+
+    # -- connecting ----------------------------------------------------------------------
+    def _connect(self, timeout: float) -> dict:
+        info = self.info
+        self.registrar = self._socket(zmq.DEALER)
+        self.registrar.connect(info.url("registration"))
+        self.notif = self._socket(zmq.SUB)
+        for topic in (b"registration", b"unregistration", b"hub_beat"):
+            self.notif.subscribe(topic)
+        self.notif.connect(info.url("notification"))
+        req = self.session.pack("connection_request", {})
+        self.registrar.send_multipart(req)
+        if not self.registrar.poll(int(timeout * 1000)):
+            raise ClusterLostError(f"no answer from the controller at {info.url('registration')} "
+                                   f"within {timeout:.0f}s (is it running, and is the key right?)")
+        msg = self.session.unpack(self.registrar.recv_multipart())
+        reply = msg.content
+        host = None
+        if info.transport != "ipc":
+            host = info.url("registration").split("//", 1)[1].rsplit(":", 1)[0].strip("[]")
+        addrs = info.with_(addresses=reply["addresses"])
+        self.task = self._socket(zmq.DEALER)
+        self.task.connect(addrs.url("task_client", host))
+        self.mux = self._socket(zmq.DEALER)
+        self.mux.connect(addrs.url("mux_client", host))
+        self.control = self._socket(zmq.DEALER)
+        self.control.connect(addrs.url("control_client", host))
+        self.iopub = self._socket(zmq.SUB)
+        self.iopub.subscribe(self.session.session.encode())
+        self.iopub.connect(addrs.url("iopub_client", host))
+        return reply
+
+    def _socket(self, kind: int) -> zmq.Socket:
+        s = self.ctx.socket(kind)
+        s.linger = 0
+        s.sndhwm = s.rcvhwm = 0
+        return s
+
+    # -- user-thread API -----------------------------------------------------------------
+    @property
+    def engines(self) -> list[int]:
+        return sorted(self._engines)
+
+    def engine_info(self, engine_id: int) -> dict | None:
+        return self._engines.get(engine_id) or self._dead.get(engine_id)
+
+    def check(self) -> None:
+        if self._broken is not None:
+            raise self._broken
+        if self._closing:
+            raise RuntimeError("cannot schedule new futures after the client was closed")
+
+    def _pack_fn(self, fn: Callable) -> tuple[str, list]:
+        """Pickle each function once per client; engines cache it by its key."""
+        entry = self._fn_cache.get(id(fn))
+        if entry is not None and entry[0] is fn:
+            return entry[1], entry[2]
+        frames = serialize.dumps(fn)
+        with self._fn_lock:
+            key = self.session.new_id()
+            self._fn_cache[id(fn)] = (fn, key, frames)
+            if len(self._fn_cache) > FN_CACHE_SIZE:
+                self._fn_cache.popitem(last=False)
+        return key, frames
+
+    def submit(self, fn: Callable, args: Any, kwargs: dict | None = None, *,
+               target: int | None = None, retries: int = 0, chunk: bool = False) -> ZFuture:
+        """Send one task: load-balanced, or to engine ``target``; returns its future."""
+        self.check()
+        if target is not None and target not in self._engines:
+            dead = self._dead.get(target)
+            if dead is not None:
+                raise EngineDiedError.from_info(dead)
+            raise ValueError(f"no engine {target} in this cluster (engines: {self.engines})")
+        fut = ZFuture()
+        try:
+            key, fn_frames = self._pack_fn(fn)
+            arg_frames = serialize.dumps(args if chunk else (args, kwargs or {}))
+        except Exception as e:  # noqa: BLE001 - an unpicklable argument fails this future only
+            fut.set_exception(e)
+            return fut
+        fut._zclient = self
+        header = self.session.header("apply_request", retries=retries)
+        if target is not None:
+            header["target"] = target
+        fut.msg_id = msg_id = header["msg_id"]
+        content = {"fn": key, "nfn": len(fn_frames)}
+        if chunk:
+            content["chunk"] = True
+        idents = [self._engines[target]["uuid"].encode()] if target is not None else []
+        frames = self.session.pack("apply_request", content, header=header,
+                                   buffers=[*fn_frames, *arg_frames], idents=idents)
+        self._outbox.append(("apply", target, msg_id, fut, frames))
+        self._wake()
+        return fut
+
+    def _abort(self, fut: Future) -> None:
+        self._outbox.append(("abort", None, fut.msg_id, fut, None))
+        self._wake()
+
+    def _wake(self) -> None:
+        # one byte per sleep of the IO thread, not per message: it clears the flag
+        # before it drains the outbox, so an append after that sees False and writes
+        if not self._wake_pending:
+            self._wake_pending = True
+            try:
+                os.write(self._wake_w, b"x")
+            except OSError:
+                pass
+
+    def request(self, msg_type: str, content: dict | None = None, timeout: float = 10.0) -> dict:
+        """A query to the hub (connection_request, queue_request...); returns its content."""
+        self.check()
+        fut: Future = Future()
+        frames = self.session.pack(msg_type, content or {})
+        self._outbox.append(("request", None, None, fut, frames))
+        self._wake()
+        try:
+            return fut.result(timeout)
+        except TimeoutError:
+            raise TimeoutError(f"the hub did not answer {msg_type} within {timeout:.0f}s") from None
+
+    def wait_for_engines(self, n: int, timeout: float = 30.0, check: Callable[[], None] | None = None) -> None:
+        """Block until ``n`` engines are live; ``check`` may raise to give up early."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: len(self._engines) >= n or self._broken is not None,
+                                    timeout=0.2)
+            if self._broken is not None:
+                raise self._broken
+            if len(self._engines) >= n:
+                return
+            if check is not None:
+                check()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(self._engines)} of {n} engines registered within {timeout:.0f}s")
+            # the notification may have been published before our subscription took
+            try:
+                reply = self.request("connection_request", timeout=max(0.5, deadline - time.monotonic()))
+            except TimeoutError:
+                continue
+            self._sync_engines(reply.get("engines", {}))
+
+    def close(self) -> None:
+        """Stop the IO thread and fail whatever is still pending (nothing hangs)."""
+        if self._closing:
+            return
+        self._closing = True
+        self._wake_pending = False
+        self._wake()
+        if self._thread is not threading.current_thread():
+            self._thread.join(10)
+        _clients.discard(self)
+
+    # -- IO thread -----------------------------------------------------------------------
+    def _io_loop(self) -> None:
+        poller = zmq.Poller()
+        handlers = {self.task: self._on_reply, self.mux: self._on_reply,
+                    self.iopub: self._on_iopub, self.notif: self._on_notification,
+                    self.registrar: self._on_registrar, self.control: self._on_reply}
+        for s in handlers:
+            poller.register(s, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        try:
+            while not self._closing:
+                ready = poller.poll(500)
+                self._wake_pending = False
+                try:
+                    while os.read(self._wake_r, 4096):
+                        pass
+                except BlockingIOError:
+                    pass
+                if self._outbox:
+                    self._flush()
+                for s, _ in ready:
+                    h = handlers.get(s)
+                    if h is None:
+                        continue
+                    for _ in range(5000):
+                        if not s.get(zmq.EVENTS) & zmq.POLLIN:
+                            break
+                        h(s.recv_multipart(copy=False))
+                if self._broken is None and time.monotonic() - self._last_beat > HUB_TIMEOUT:
+                    self._break(ClusterLostError(
+                        f"lost contact with the controller at {self.info.url('registration')}: "
+                        f"no word from its hub for {HUB_TIMEOUT:.0f}s"))
+        except Exception as e:  # noqa: BLE001 - never leave futures hanging on a bug here
+            log.exception("client IO thread failed")
+            self._break(ClusterLostError(f"zexec client IO thread failed: {e!r}"))
+        finally:
+            self._break(self._broken or ClusterLostError("the client was closed"), mark=False)
+            self.ctx.destroy(linger=0)
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+
+    def _flush(self) -> None:
+        outbox = self._outbox
+        aborts: dict[int | None, list] = {}
+        while outbox:
+            kind, target, msg_id, fut, frames = outbox.popleft()
+            if kind == "apply":
+                if fut.cancelled():
+                    continue  # cancelled before it left: it never exists anywhere
+                if self._broken is not None:
+                    _fail(fut, self._broken)
+                    continue
+                if target is None:
+                    self._futures[msg_id] = (fut, None)
+                    self.task.send_multipart(frames, copy=False)
+                elif target in self._engines:
+                    self._futures[msg_id] = (fut, target)
+                    self.mux.send_multipart(frames, copy=False)
+                else:
+                    _fail(fut, EngineDiedError.from_info(self._dead.get(target, {"id": target})))
+            elif kind == "abort":
+                entry = self._futures.pop(msg_id, None)
+                if entry is not None:
+                    aborts.setdefault(entry[1], []).append(msg_id)
+            elif kind == "request":
+                hdr_id = loads(frames[2])["msg_id"]
+                self._requests[hdr_id] = fut
+                self.registrar.send_multipart(frames)
+        for target, ids in aborts.items():
+            if target is None:
+                self.task.send_multipart(self.session.pack("abort_request", {"msg_ids": ids}))
+            elif target in self._engines:
+                uuid = self._engines[target]["uuid"].encode()
+                self.control.send_multipart(self.session.pack("abort_request", {"msg_ids": ids},
+                                                              idents=[uuid]))
+
+    def _on_reply(self, frames: list) -> None:
+        try:
+            idents, rest = split_idents(frames)
+            self.session.verify(rest)
+            header = loads(rest[1])
+            content = loads(rest[3])
+        except (ProtocolError, ValueError, UnicodeDecodeError) as e:
+            self._bad("reply", str(e))
+            return
+        entry = self._futures.pop(header.get("parent_id"), None)
+        if entry is None:
+            return  # cancelled, or already failed with its engine
+        fut = entry[0]
+        status = content.get("status")
+        if status == "ok":
+            try:
+                result = serialize.loads(rest[4:])
+            except BaseException as e:  # noqa: BLE001 - a result that fails to unpickle here
+                _fail(fut, e)
+                return
+            if fut.cancelled():
+                return
+            try:
+                fut.set_result(result)
+            except Exception:  # noqa: BLE001 - InvalidStateError: cancelled meanwhile
+                pass
+        elif status == "error":
+            if content.get("ename") == "EngineDiedError" and isinstance(content.get("engine"), dict):
+                exc: BaseException = EngineDiedError.from_info(content["engine"])
+            else:
+                exc = serialize.rebuild_exception(content, rest[4:])
+            _fail(fut, exc)
+        elif status == "aborted":
+            _fail(fut, ZexecError("task aborted"))
+
+    def _on_iopub(self, frames: list) -> None:
+        try:
+            msg = self.session.unpack(frames)
+        except ProtocolError as e:
+            self._bad("iopub", str(e))
+            return
+        kind = msg.header["msg_type"]
+        c = msg.content
+        if kind == "status" and c.get("state") == "started":
+            entry = self._futures.get(c.get("msg_id"))
+            if entry is not None:
+                try:
+                    entry[0].set_running_or_notify_cancel()
+                except RuntimeError:
+                    pass  # already finished
+        elif kind == "stream" and self.forward_output:
+            stream = sys.stderr if c.get("name") == "stderr" else sys.stdout
+            try:
+                stream.write(str(c.get("text", "")))
+                stream.flush()
+            except Exception:  # noqa: BLE001 - a closed user stream must not kill the IO thread
+                pass
+
+    def _on_registrar(self, frames: list) -> None:
+        try:
+            msg = self.session.unpack(frames)
+        except ProtocolError as e:
+            self._bad("registrar reply", str(e))
+            return
+        fut = self._requests.pop(msg.parent.get("msg_id"), None)
+        if fut is not None and not fut.done():
+            fut.set_result(msg.content)
+
+    def _on_notification(self, frames: list) -> None:
+        try:
+            msg = self.session.unpack(frames)
+        except ProtocolError as e:
+            self._bad("notification", str(e))
+            return
+        self._last_beat = time.monotonic()
+        kind = msg.header["msg_type"]
+        c = msg.content
+        if kind == "registration":
+            self._add_engine(c)
+        elif kind == "unregistration":
+            self._engine_gone(c)
+        elif kind == "hub_beat":
+            self._sync_engines(c.get("engines", {}))
+
+    def _sync_engines(self, live: dict) -> None:
+        for info in live.values():
+            self._add_engine(info)
+        ids = {info["id"] for info in live.values()}
+        for eid in [e for e in self._engines if e not in ids]:
+            self._engine_gone(dict(self._engines[eid], reason="unregistered"))
+
+    def _add_engine(self, info: dict) -> None:
+        eid = info["id"]
+        if eid in self._engines or eid in self._dead:
+            return
+        with self._cond:
+            self._engines[eid] = info
+            self._cond.notify_all()
+
+    def _engine_gone(self, info: dict) -> None:
+        eid = info["id"]
+        with self._cond:
+            self._engines.pop(eid, None)
+            self._dead[eid] = info
+            self._cond.notify_all()
+        exc = EngineDiedError.from_info(info)
+        for msg_id, (fut, target) in list(self._futures.items()):
+            if target == eid:
+                del self._futures[msg_id]
+                _fail(fut, exc)
+        if info.get("fatal"):
+            # like a pool whose worker cannot start: nothing submitted can be trusted to run
+            from concurrent.futures.process import BrokenProcessPool
+
+            self._break(BrokenProcessPool(f"engine {eid} could not start: {info.get('reason')}"))
+
+    def _break(self, exc: BaseException, mark: bool = True) -> None:
+        """Fail every pending future with ``exc``; with ``mark``, refuse new work too."""
+        if mark and self._broken is None:
+            self._broken = exc
+            log.error("%s", exc)
+        with self._cond:
+            self._cond.notify_all()
+        futures, self._futures = self._futures, {}
+        for fut, _ in futures.values():
+            _fail(fut, exc)
+        while self._outbox:
+            item = self._outbox.popleft()
+            if item[0] in ("apply", "request"):
+                _fail(item[3], exc)
+        requests, self._requests = self._requests, {}
+        for fut in requests.values():
+            _fail(fut, exc)
+
+
+def _fail(fut: Future, exc: BaseException) -> None:
+    if fut.done():
+        return
+    try:
+        fut.set_exception(exc)
+    except Exception:  # noqa: BLE001 - InvalidStateError: resolved meanwhile
+        pass

@@ -1,0 +1,192 @@
+"""LocalCluster: a whole cluster on this machine, started and stopped as one.
+
+It writes a connection file (mode 0600, in a private temporary directory), starts
+``python -m zexec controller`` (which forks the hub, heartbeat monitor, MUX, control,
+IOPub and task scheduler) and ``python -m zexec engine -n N`` (which forks the engines
+and replaces any that die), waits until N engines are registered, and on exit stops
+every process.  Each child also exits when this process dies, even by SIGKILL.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Callable
+
+from . import executor as _executor
+from .connection import ConnectionInfo, allocate, new_key
+from .errors import ClusterStartError
+from .executor import ZmqExecutor
+from .protocol import Signer
+
+
+def _tail(path: str, lines: int = 20) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return "".join(f.readlines()[-lines:])
+    except OSError:
+        return ""
+
+
+class LocalCluster:
+    """Hub, schedulers, heartbeat and ``n`` engines as subprocesses of this one.
+
+    ``with LocalCluster(4) as ex:`` yields a :class:`ZmqExecutor`; ``replace`` keeps
+    ``n`` engines alive (new ids) when some die; ``retries`` resubmits load-balanced
+    tasks of a dead engine; ``heartbeat_period × heartbeat_misses`` bounds how long a
+    hung engine may stay silent before it is declared dead.
+    """
+
+    def __init__(self, n: int | None = None, *, transport: str | None = None,
+                 ip: str = "127.0.0.1", heartbeat_period: float = 0.5, heartbeat_misses: int = 6,
+                 replace: bool = True, retries: int = 0, initializer: Callable | None = None,
+                 initargs: tuple = (), max_tasks_per_child: int | None = None,
+                 startup_timeout: float = 60.0, hwm: int | None = None,
+                 forward_output: bool = True) -> None:
+        self.n = n or os.cpu_count() or 1
+        self.transport = transport or ("ipc" if os.name == "posix" else "tcp")
+        self.ip = ip
+        self.heartbeat_period = heartbeat_period
+        self.heartbeat_misses = heartbeat_misses
+        self.replace = replace
+        self.retries = retries
+        self.initializer = initializer
+        self.initargs = initargs
+        self.max_tasks_per_child = max_tasks_per_child
+        self.startup_timeout = startup_timeout
+        self.hwm = hwm
+        self.forward_output = forward_output
+        self.dir: str | None = None
+        self.connection_file: str | None = None
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.logs: dict[str, str] = {}
+        self._executor: ZmqExecutor | None = None
+
+    # -- processes -----------------------------------------------------------------------
+    def start(self) -> "LocalCluster":
+        if self.procs:
+            return self
+        self.dir = tempfile.mkdtemp(prefix="zexec-")
+        info = ConnectionInfo(key=new_key(), transport=self.transport, ip=self.ip,
+                              heartbeat_period=self.heartbeat_period,
+                              heartbeat_misses=self.heartbeat_misses)
+        info = allocate(info, ipc_dir=self.dir)
+        self.connection_file = info.write(os.path.join(self.dir, "cluster.json"))
+        env = dict(os.environ)
+        # engines import what this process can: the same sys.path, as a spawned worker would
+        paths = [p or os.getcwd() for p in sys.path]
+        env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        py = [sys.executable, "-m", "zexec"]
+        common = ["--connection-file", self.connection_file, "--parent-pid", str(os.getpid())]
+        ctl = [*py, "controller", "--reuse", *common]
+        if self.hwm:
+            ctl += ["--hwm", str(self.hwm)]
+        eng = [*py, "engine", "-n", str(self.n), "--log-dir", self.dir, *common]
+        if self.replace:
+            eng.append("--replace")
+        if self.max_tasks_per_child:
+            eng += ["--max-tasks", str(self.max_tasks_per_child)]
+        if self.initializer is not None:
+            eng += ["--init-file", self._write_init(info)]
+        try:
+            self._spawn("controller", ctl, env)
+            self._spawn("engines", eng, env)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _write_init(self, info: ConnectionInfo) -> str:
+        from . import serialize
+
+        payload = serialize.dumps((self.initializer, tuple(self.initargs)))
+        if len(payload) > 1:
+            payload = [b"".join(bytes(p) for p in payload[:1])]  # initargs are small: in-band
+        data = payload[0]
+        path = os.path.join(self.dir, "initializer.pkl")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(Signer(info.key_bytes).sign([data]) + b"\n" + data)
+        return path
+
+    def _spawn(self, name: str, cmd: list, env: dict) -> None:
+        log_path = os.path.join(self.dir, f"{name}.log")
+        self.logs[name] = log_path
+        with open(log_path, "ab") as logf:
+            self.procs[name] = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
+                env=env, start_new_session=True, close_fds=True)
+
+    def check(self) -> None:
+        """Raise ClusterStartError, quoting its log, if a cluster process has exited."""
+        for name, p in self.procs.items():
+            rc = p.poll()
+            if rc is not None:
+                raise ClusterStartError(
+                    f"the {name} process exited with {rc}; the end of {self.logs[name]}:\n"
+                    + _tail(self.logs[name]))
+
+    def wait_for_engines(self, client, timeout: float | None = None) -> None:
+        try:
+            client.wait_for_engines(self.n, timeout or self.startup_timeout, check=self.check)
+        except TimeoutError as e:
+            tails = "\n".join(f"--- {n}:\n{_tail(p)}" for n, p in self.logs.items())
+            raise ClusterStartError(f"{e}; logs in {self.dir}:\n{tails}") from None
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop every process of the cluster (TERM, then KILL) and remove its files."""
+        procs, self.procs = self.procs, {}
+        for p in procs.values():
+            if p.poll() is None:
+                try:
+                    p.send_signal(signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + timeout
+        for p in procs.values():
+            try:
+                p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(5)
+        if self.dir and os.path.isdir(self.dir):
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    # -- context manager -----------------------------------------------------------------
+    def executor(self, **kwargs: Any) -> ZmqExecutor:
+        """A new ZmqExecutor (client) on this cluster."""
+        kwargs.setdefault("retries", self.retries)
+        kwargs.setdefault("forward_output", self.forward_output)
+        return ZmqExecutor(connection=self.connection_file, **kwargs)
+
+    def __enter__(self) -> ZmqExecutor:
+        self.start()
+        try:
+            ex = self.executor()
+            self.wait_for_engines(ex.client)
+        except BaseException:
+            self.stop()
+            raise
+        self._executor = ex
+        return ex
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            if self._executor is not None:
+                self._executor.shutdown(wait=exc[0] is None, cancel_futures=exc[0] is not None)
+        finally:
+            self._executor = None
+            self.stop()
+
+    def __del__(self) -> None:
+        if self.procs:
+            self.stop(timeout=1.0)
+
+
+_executor._cluster_factory = LocalCluster

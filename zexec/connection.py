@@ -1,0 +1,129 @@
+"""Connection information: where the registrar listens, the key, the transport.
+
+One small frozen dataclass, written to and read from a JSON connection file that only
+its owner may read (mode 0600): the file holds the cluster key.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+#: the controller's sockets, in the order they are allocated
+CHANNELS = ("registration", "notification", "monitor", "mux_client", "mux_engine",
+            "control_client", "control_engine", "task_client", "task_engine",
+            "iopub_engine", "iopub_client", "hb_ping", "hb_pong")
+
+
+@dataclass(frozen=True)
+class ConnectionInfo:
+    """Everything a client or engine needs to join a cluster."""
+
+    key: str
+    transport: str = "tcp"
+    ip: str = "127.0.0.1"
+    #: channel name -> port (tcp) or socket path (ipc)
+    addresses: dict = field(default_factory=dict)
+    signature_scheme: str = "hmac-sha256"
+    heartbeat_period: float = 0.5
+    heartbeat_misses: int = 6
+    curve: dict | None = None
+
+    @property
+    def key_bytes(self) -> bytes:
+        return self.key.encode()
+
+    def url(self, channel: str, host: str | None = None) -> str:
+        """The zmq endpoint of ``channel``; ``host`` overrides the ip for connecting."""
+        where = self.addresses[channel]
+        if self.transport == "ipc":
+            return f"ipc://{where}"
+        ip = host or self.ip
+        if ip in ("0.0.0.0", "*", ""):
+            ip = "127.0.0.1"
+        if ":" in ip and not ip.startswith("["):
+            ip = f"[{ip}]"
+        return f"{self.transport}://{ip}:{where}"
+
+    def bind_url(self, channel: str) -> str:
+        where = self.addresses[channel]
+        if self.transport == "ipc":
+            return f"ipc://{where}"
+        ip = self.ip if self.ip not in ("", "0.0.0.0") else "*"
+        if ":" in ip and not ip.startswith("["):
+            ip = f"[{ip}]"
+        return f"{self.transport}://{ip}:{where}"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ConnectionInfo":
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def write(self, path: str) -> str:
+        """Write the file with mode 0600 (created so; never world-readable even briefly)."""
+        path = os.path.abspath(path)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(self.to_dict(), f, indent=1)
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def read(cls, path: str) -> "ConnectionInfo":
+        with open(path) as f:
+            return cls.from_dict(json.load(f))
+
+    def with_(self, **changes: Any) -> "ConnectionInfo":
+        return replace(self, **changes)
+
+
+def new_key() -> str:
+    return secrets.token_hex(32)
+
+
+def free_ports(n: int, ip: str = "127.0.0.1", port_range: tuple[int, int] | None = None) -> list[int]:
+    """``n`` distinct ports free at this moment (bound, then released, all at once)."""
+    socks, ports = [], []
+    try:
+        candidates = iter(range(port_range[0], port_range[1] + 1)) if port_range else None
+        while len(ports) < n:
+            s = socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET)
+            port = 0
+            if candidates is not None:
+                port = next(candidates, None)
+                if port is None:
+                    raise OSError(f"not enough free ports in {port_range[0]}-{port_range[1]}")
+            try:
+                s.bind((ip if ip not in ("*",) else "", port))
+            except OSError:
+                s.close()
+                if candidates is None:
+                    raise
+                continue
+            socks.append(s)
+            ports.append(s.getsockname()[1])
+    finally:
+        for s in socks:
+            s.close()
+    return ports
+
+
+def allocate(info: ConnectionInfo, ipc_dir: str | None = None,
+             port_range: tuple[int, int] | None = None) -> ConnectionInfo:
+    """Fill in an address for every controller channel."""
+    if info.transport == "ipc":
+        if ipc_dir is None:
+            raise ValueError("ipc transport needs a directory for its sockets")
+        addrs = {c: os.path.join(ipc_dir, c) for c in CHANNELS}
+    else:
+        addrs = dict(zip(CHANNELS, free_ports(len(CHANNELS), info.ip, port_range)))
+    return info.with_(addresses=addrs)

@@ -1,0 +1,1 @@
+"""The controller: hub, heartbeat monitor, MUX/control/IOPub devices and task scheduler."""

@@ -1,0 +1,117 @@
+"""The heartbeat monitor: pings every engine's heart and tells the hub who stopped answering.
+
+::
+
+    ping PUB  ---- beat number ---->  heart SUB  }  C FORWARDER device in a thread
+    pong ROUTER <-- same bytes, engine id -- heart DEALER }  of each engine
+    DEALER --> hub registrar: heart_beating / heart_failure (signed)
+
+Each period the monitor publishes a new beat number; a heart echoes it with its
+identity (the engine's uuid).  A heart whose last echo is more than ``misses`` beats old
+is reported failed (``policy.heart_failures``).  A heart whose TCP/IPC connection
+closes (its process died) is reported at once: each pong carries the file descriptor it
+arrived on, and the socket monitor reports that descriptor's disconnect.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from ..connection import ConnectionInfo
+from ..protocol import RateLimitedLog, Session
+from . import policy
+
+log = logging.getLogger("zexec.heartbeat")
+
+
+class HeartMonitor:
+    def __init__(self, info: ConnectionInfo, period: float, misses: int) -> None:
+        self.info = info
+        self.period = period
+        self.misses = misses
+        self.session = Session(info.key_bytes)
+        self.beat = 0
+        self.last_seen: dict[bytes, int] = {}
+        self.fd_of: dict[int, bytes] = {}
+        self.bad = RateLimitedLog(log)
+
+    def report(self, kind: str, heart: bytes, **extra) -> None:
+        content = {"uuid": heart.decode(errors="replace"), **extra}
+        self.hub.send_multipart(self.session.pack(kind, content))
+
+    def run(self) -> None:
+        ctx = zmq.Context()
+        info = self.info
+        ping = ctx.socket(zmq.PUB)
+        pong = ctx.socket(zmq.ROUTER)
+        for s in (ping, pong):
+            s.linger = 0
+        ping.bind(info.bind_url("hb_ping"))
+        pong.bind(info.bind_url("hb_pong"))
+        monitor = pong.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self.hub = ctx.socket(zmq.DEALER)
+        self.hub.linger = 1000
+        self.hub.connect(info.url("registration"))
+        poller = zmq.Poller()
+        poller.register(pong, zmq.POLLIN)
+        poller.register(monitor, zmq.POLLIN)
+        next_beat = time.monotonic()
+        log.info("heartbeat monitor up: period %.2fs, %d misses", self.period, self.misses)
+        try:
+            while True:
+                now = time.monotonic()
+                if now >= next_beat:
+                    self._verdicts()
+                    self.beat += 1
+                    ping.send(str(self.beat).encode())
+                    next_beat = now + self.period
+                ready = dict(poller.poll(max(0, int((next_beat - time.monotonic()) * 1000)) + 1))
+                if pong in ready:
+                    while pong.get(zmq.EVENTS) & zmq.POLLIN:
+                        self._on_pong(pong.recv_multipart(copy=False))
+                if monitor in ready:
+                    while monitor.get(zmq.EVENTS) & zmq.POLLIN:
+                        ev = recv_monitor_message(monitor)
+                        heart = self.fd_of.pop(ev["value"], None)
+                        if heart is not None and heart in self.last_seen:
+                            del self.last_seen[heart]
+                            log.info("heart %s disconnected", heart)
+                            self.report("heart_failure", heart, reason="disconnected")
+        finally:
+            ctx.destroy(linger=0)
+
+    def _on_pong(self, frames: list) -> None:
+        if len(frames) != 2:
+            self.bad("pong frame count", str(len(frames)))
+            return
+        heart = frames[0].bytes
+        try:
+            beat = int(frames[1].bytes)
+        except ValueError:
+            self.bad("pong payload")
+            return
+        if not 0 < beat <= self.beat:
+            self.bad("pong from the future")
+            return
+        if heart not in self.last_seen:
+            self.report("heart_beating", heart)
+            try:
+                self.fd_of[frames[1].get(zmq.SRCFD)] = heart
+            except zmq.ZMQError:
+                pass
+        if beat > self.last_seen.get(heart, 0):
+            self.last_seen[heart] = beat
+
+    def _verdicts(self) -> None:
+        for heart in policy.heart_failures(self.last_seen, self.beat, self.misses):
+            del self.last_seen[heart]
+            log.warning("heart %s missed %d beats", heart, self.misses)
+            self.report("heart_failure", heart, reason=f"no heartbeat for {self.misses * self.period:.1f}s")
+
+
+def main(info: ConnectionInfo) -> None:
+    HeartMonitor(info, info.heartbeat_period, info.heartbeat_misses).run()

@@ -1,0 +1,314 @@
+"""The hub: registrar, notifications, heartbeat verdicts and task records.
+
+::
+
+    engines, clients, heartbeat monitor, launchers --DEALER--> [registrar ROUTER]
+    [notification PUB] --> clients, task scheduler, launchers:
+                           registration / unregistration / hub_beat (every second)
+    MUX, control (C devices), task scheduler --PUB--> [monitor SUB]  (loopback/ipc only)
+
+The hub assigns engine ids (0, 1, 2... in registration order, never reused) and decides
+when an engine is alive (registered, sockets connected and heart beating) and when it
+is dead (heart failure, process exit reported by its launcher, or its own goodbye).
+Every decision is published, and ``hub_beat`` repeats the live set each second so a
+subscriber that missed a notification converges.  It reads JSON only, never pickles.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import socket
+import time
+
+import zmq
+
+from ..connection import ConnectionInfo
+from ..errors import ProtocolError
+from ..protocol import RateLimitedLog, Session, loads, split_idents
+
+log = logging.getLogger("zexec.hub")
+
+BEAT_INTERVAL = 1.0
+REGISTRATION_TIMEOUT = 30.0
+#: after a heart disconnects, how long to wait for its launcher's exit report
+EXIT_REPORT_GRACE = 0.3
+
+
+class Hub:
+    def __init__(self, info: ConnectionInfo, max_records: int = 10_000) -> None:
+        self.info = info
+        self.session = Session(info.key_bytes)
+        self.max_records = max_records
+        self.next_id = 0
+        self.engines: dict[str, dict] = {}      # uuid -> record, pending or live
+        self.dead: collections.OrderedDict[str, dict] = collections.OrderedDict()
+        self.pending_death: dict[str, tuple[float, str]] = {}
+        self.records: collections.OrderedDict[str, list] = collections.OrderedDict()
+        self.counts = collections.Counter()
+        self.done_by_engine = collections.Counter()
+        self.task_queue = 0
+        self.bad = RateLimitedLog(log)
+        self.stopping = False
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def run(self) -> None:
+        ctx = zmq.Context()
+        info = self.info
+        self.registrar = ctx.socket(zmq.ROUTER)
+        self.registrar.linger = 0
+        self.registrar.bind(info.bind_url("registration"))
+        self.notif = ctx.socket(zmq.PUB)
+        self.notif.linger = 0
+        self.notif.sndhwm = 0
+        self.notif.bind(info.bind_url("notification"))
+        self.monitor = ctx.socket(zmq.SUB)
+        self.monitor.rcvhwm = 0
+        for prefix in (b"mux", b"ctrl", b"task"):
+            self.monitor.subscribe(prefix)
+        mon_url = info.bind_url("monitor")
+        if info.transport == "tcp":
+            mon_url = f"tcp://127.0.0.1:{info.addresses['monitor']}"  # never off this host
+        self.monitor.bind(mon_url)
+        poller = zmq.Poller()
+        poller.register(self.registrar, zmq.POLLIN)
+        poller.register(self.monitor, zmq.POLLIN)
+        next_beat = time.monotonic()
+        log.info("hub up: registrar at %s", info.bind_url("registration"))
+        try:
+            while not self.stopping:
+                now = time.monotonic()
+                if now >= next_beat:
+                    self._beat()
+                    next_beat = now + BEAT_INTERVAL
+                self._timers(now)
+                timeout = next_beat - now
+                if self.pending_death:
+                    timeout = min(timeout, min(t for t, _ in self.pending_death.values()) - now)
+                ready = dict(poller.poll(max(1, int(timeout * 1000) + 1)))
+                if self.registrar in ready:
+                    for _ in range(1000):
+                        if not self.registrar.get(zmq.EVENTS) & zmq.POLLIN:
+                            break
+                        self._on_registrar(self.registrar.recv_multipart())
+                if self.monitor in ready:
+                    for _ in range(5000):
+                        if not self.monitor.get(zmq.EVENTS) & zmq.POLLIN:
+                            break
+                        self._on_monitor(self.monitor.recv_multipart(copy=False))
+        finally:
+            ctx.destroy(linger=200)
+
+    def _publish(self, kind: str, content: dict) -> None:
+        self.notif.send_multipart(self.session.pack(kind, content, idents=[kind.encode()]))
+
+    def _beat(self) -> None:
+        live = {str(e["id"]): _public(e) for e in self.engines.values() if e["state"] == "live"}
+        self._publish("hub_beat", {"engines": live})
+
+    def _timers(self, now: float) -> None:
+        for uuid, (deadline, reason) in list(self.pending_death.items()):
+            if now >= deadline:
+                del self.pending_death[uuid]
+                eng = self.engines.get(uuid)
+                if eng is not None:
+                    self._declare_dead(eng, reason)
+        for eng in list(self.engines.values()):
+            if eng["state"] == "pending" and now - eng["t_request"] > REGISTRATION_TIMEOUT:
+                self._declare_dead(eng, "registration did not complete")
+
+    # -- registrar -----------------------------------------------------------------------
+    def _reply(self, idents: list, kind: str, content: dict, parent: dict) -> None:
+        self.registrar.send_multipart(self.session.pack(kind, content, parent=parent, idents=idents))
+
+    def _on_registrar(self, frames: list) -> None:
+        try:
+            msg = self.session.unpack(frames)
+        except ProtocolError as e:
+            who = frames[0].hex()[:16] if frames else "?"
+            self.bad("registrar", f"{e} (peer {who})")
+            return
+        handler = getattr(self, "_do_" + str(msg.header["msg_type"]), None)
+        if handler is None:
+            self.bad("unknown msg_type on registrar", str(msg.header["msg_type"]))
+            return
+        try:
+            handler(msg)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            self.bad("malformed " + str(msg.header["msg_type"]), repr(e))
+
+    def _addresses(self) -> dict:
+        return {k: v for k, v in self.info.addresses.items() if k != "monitor"}
+
+    def _do_registration_request(self, msg) -> None:
+        c = msg.content
+        uuid = str(c["uuid"])
+        if uuid in self.engines or uuid in self.dead:
+            self._reply(msg.idents, "registration_reply",
+                        {"status": "error", "reason": "uuid already registered"}, msg.header)
+            return
+        eid = self.next_id
+        self.next_id += 1
+        eng = {"id": eid, "uuid": uuid, "hostname": str(c.get("hostname", "?")),
+               "pid": c.get("pid"), "log": c.get("log"), "launcher": c.get("launcher"),
+               "max_tasks": c.get("max_tasks"), "state": "pending", "ready": False,
+               "heart": False, "t_request": time.monotonic(), "registered": None}
+        self.engines[uuid] = eng
+        self._reply(msg.idents, "registration_reply",
+                    {"status": "ok", "id": eid, "addresses": self._addresses(),
+                     "heartbeat_period": self.info.heartbeat_period,
+                     "heartbeat_misses": self.info.heartbeat_misses}, msg.header)
+        log.info("engine %d registering (uuid %s, pid %s on %s)", eid, uuid, eng["pid"], eng["hostname"])
+
+    def _do_registration_complete(self, msg) -> None:
+        eng = self.engines.get(str(msg.content["uuid"]))
+        if eng is not None:
+            eng["ready"] = True
+            self._maybe_live(eng)
+
+    def _do_heart_beating(self, msg) -> None:
+        uuid = str(msg.content["uuid"])
+        eng = self.engines.get(uuid)
+        if eng is None:
+            if uuid in self.dead:
+                self._tell_dead(uuid)
+            return
+        eng["heart"] = True
+        self.pending_death.pop(uuid, None)
+        self._maybe_live(eng)
+
+    def _maybe_live(self, eng: dict) -> None:
+        if eng["state"] == "pending" and eng["ready"] and eng["heart"]:
+            eng["state"] = "live"
+            eng["registered"] = time.time()
+            log.info("engine %d live", eng["id"])
+            self._publish("registration", _public(eng))
+
+    def _do_heart_failure(self, msg) -> None:
+        uuid = str(msg.content["uuid"])
+        eng = self.engines.get(uuid)
+        if eng is None:
+            return
+        reason = str(msg.content.get("reason", "heart failure"))
+        if reason == "disconnected" and eng.get("launcher"):
+            # the process probably exited: give its launcher a moment to say how
+            self.pending_death.setdefault(uuid, (time.monotonic() + EXIT_REPORT_GRACE, "connection lost"))
+        else:
+            self._declare_dead(eng, reason)
+
+    def _do_engine_exit(self, msg) -> None:
+        c = msg.content
+        for eng in list(self.engines.values()):
+            if eng.get("launcher") == c["launcher"] and eng.get("pid") == c["pid"]:
+                self._declare_dead(eng, "process exited", c.get("exitcode"))
+                return
+        for eng in self.dead.values():
+            if eng.get("launcher") == c["launcher"] and eng.get("pid") == c["pid"]:
+                eng.setdefault("exitcode", c.get("exitcode"))
+
+    def _do_unregistration_notification(self, msg) -> None:
+        eng = self.engines.get(str(msg.content["uuid"]))
+        if eng is not None:
+            eng["fatal"] = bool(msg.content.get("fatal"))
+            self._declare_dead(eng, str(msg.content.get("reason", "unregistered")),
+                               msg.content.get("exitcode"))
+
+    def _declare_dead(self, eng: dict, reason: str, exitcode: int | None = None) -> None:
+        uuid = eng["uuid"]
+        self.engines.pop(uuid, None)
+        self.pending_death.pop(uuid, None)
+        eng["state"] = "dead"
+        eng["reason"] = reason
+        if exitcode is not None:
+            eng["exitcode"] = exitcode
+        self.dead[uuid] = eng
+        while len(self.dead) > 1000:
+            self.dead.popitem(last=False)
+        log.warning("engine %d dead: %s%s", eng["id"], reason,
+                    f" (exit code {exitcode})" if exitcode is not None else "")
+        self._publish("unregistration", _public(eng))
+        self._tell_dead(uuid)
+
+    def _tell_dead(self, uuid: str) -> None:
+        """An engine declared dead that still talks (e.g. resumed after SIGSTOP) must exit."""
+        self.registrar.send_multipart(self.session.pack("unregistered", {"uuid": uuid},
+                                                        idents=[uuid.encode()]))
+
+    def _do_connection_request(self, msg) -> None:
+        live = {str(e["id"]): _public(e) for e in self.engines.values() if e["state"] == "live"}
+        self._reply(msg.idents, "connection_reply",
+                    {"status": "ok", "addresses": self._addresses(), "engines": live}, msg.header)
+
+    def _do_queue_request(self, msg) -> None:
+        engines = []
+        for e in sorted(self.engines.values(), key=lambda e: e["id"]):
+            d = _public(e)
+            d["state"] = e["state"]
+            d["tasks_done"] = self.done_by_engine.get(e["id"], 0)
+            d["queued"] = sum(1 for r in self.records.values() if r[1] == e["id"] and r[4] is None)
+            engines.append(d)
+        dead = [dict(_public(e), reason=e.get("reason"), exitcode=e.get("exitcode"))
+                for e in list(self.dead.values())[-20:]]
+        self._reply(msg.idents, "queue_reply",
+                    {"status": "ok", "engines": engines, "dead": dead,
+                     "task_queue": self.task_queue, "tasks": dict(self.counts),
+                     "records": len(self.records)}, msg.header)
+
+    def _do_shutdown_request(self, msg) -> None:
+        log.info("shutdown requested")
+        self._reply(msg.idents, "shutdown_reply", {"status": "ok"}, msg.header)
+        self.stopping = True
+
+    # -- monitor (copies of scheduler traffic) -------------------------------------------
+    def _on_monitor(self, frames: list) -> None:
+        try:
+            prefix = frames[0].bytes
+            if prefix == b"task":
+                self._task_records(loads(frames[1]))
+                return
+            idents, rest = split_idents(frames[1:])
+            header = loads(rest[1])
+        except (ProtocolError, ValueError, IndexError, TypeError, UnicodeDecodeError) as e:
+            self.bad("monitor", str(e))
+            return
+        kind = header.get("msg_type")
+        if prefix == b"mux_in" and kind == "apply_request" and len(idents) >= 2:
+            eng = self.engines.get(idents[1].bytes.decode(errors="replace"))
+            self._record(header.get("msg_id"), eng["id"] if eng else None, header.get("date"))
+        elif prefix == b"mux_out" and kind == "apply_reply":
+            self._finish(header.get("parent_id"), header.get("status"), header.get("engine"))
+
+    def _record(self, msg_id, engine_id, t) -> None:
+        if not isinstance(msg_id, str):
+            return
+        self.records[msg_id] = [t, engine_id, None, None, None]
+        self.counts["submitted"] += 1
+        while len(self.records) > self.max_records:
+            self.records.popitem(last=False)  # oldest first: the table stays bounded
+
+    def _finish(self, msg_id, status, engine_id, started=None, completed=None) -> None:
+        rec = self.records.get(msg_id) if isinstance(msg_id, str) else None
+        if rec is not None:
+            rec[2], rec[3], rec[4] = started, completed, status
+        self.counts[str(status)] += 1
+        if isinstance(engine_id, int):
+            self.done_by_engine[engine_id] += 1
+
+    def _task_records(self, rec: dict) -> None:
+        for msg_id, engine_id, t in rec.get("submitted", ()):
+            self._record(msg_id, engine_id, t)
+        for msg_id, status, started, completed in rec.get("done", ()):
+            r = self.records.get(msg_id)
+            self._finish(msg_id, status, r[1] if r else None, started, completed)
+        self.task_queue = rec.get("queue", self.task_queue)
+
+
+def _public(eng: dict) -> dict:
+    keys = ("id", "uuid", "hostname", "pid", "log", "launcher", "max_tasks", "reason", "exitcode", "fatal")
+    return {k: eng[k] for k in keys if eng.get(k) is not None}
+
+
+def main(info: ConnectionInfo) -> None:
+    Hub(info).run()
+    log.info("hub stopped (pid %d on %s)", os.getpid(), socket.gethostname())

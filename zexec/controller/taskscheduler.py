@@ -1,0 +1,326 @@
+"""The task scheduler: load-balanced routing of apply requests to engines.
+
+::
+
+    clients (DEALER) --> [client ROUTER]  TaskScheduler  [engine ROUTER] <--> engines (DEALER)
+                                 |             ^  |
+               notification SUB (hub) ---------+  +--> monitor PUB (compact records to the hub)
+
+It behaves like a ROUTER/ROUTER queue from the outside, with Python inside: it verifies
+every message, picks an engine by least load (``policy.choose_engine``) under a bound
+on outstanding tasks per engine, holds the rest in a FIFO queue, drops aborted tasks
+wherever they wait, and when the hub reports an engine dead it resubmits that engine's
+tasks that have retries left and fails the others with an EngineDiedError reply.
+It reads JSON only; payload frames are forwarded without being copied or unpickled.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+
+import zmq
+
+from ..connection import ConnectionInfo
+from ..errors import ProtocolError
+from ..protocol import DELIM, RateLimitedLog, Session, dumps, loads, split_idents
+from . import policy
+
+log = logging.getLogger("zexec.taskscheduler")
+
+
+class _Task:
+    __slots__ = ("msg_id", "idents", "rest", "retries", "engine", "aborted", "sent", "parent")
+
+    def __init__(self, msg_id, idents, rest, retries):
+        self.msg_id = msg_id
+        self.idents = idents
+        self.rest = rest
+        self.retries = retries
+        self.engine = None
+        self.aborted = False
+        self.sent = 0.0
+        self.parent = rest[1]
+
+
+class _Engine:
+    __slots__ = ("id", "uuid", "outstanding", "sent", "max_tasks", "info")
+
+    def __init__(self, info: dict):
+        self.id = info["id"]
+        self.uuid = info["uuid"].encode()
+        self.outstanding: dict[str, _Task] = {}
+        self.sent = 0
+        self.max_tasks = info.get("max_tasks") or None
+        self.info = info
+
+
+class TaskScheduler:
+    def __init__(self, info: ConnectionInfo, hwm: int | None = None) -> None:
+        self.info = info
+        self.session = Session(info.key_bytes)
+        self.fixed_hwm = hwm
+        self.engines: dict[bytes, _Engine] = {}
+        self.order: list[bytes] = []
+        self.dead: set[bytes] = set()
+        self.queue: collections.deque[_Task] = collections.deque()
+        self.tasks: dict[str, _Task] = {}
+        self.rr = 0
+        self.mean_runtime: float | None = None
+        self.mean_overhead: float | None = None
+        self.bad = RateLimitedLog(log)
+        self._submitted: list = []
+        self._done: list = []
+
+    # -- sockets -------------------------------------------------------------------------
+    def _sockets(self, ctx: zmq.Context) -> None:
+        info = self.info
+        self.client = ctx.socket(zmq.ROUTER)
+        self.engine_sock = ctx.socket(zmq.ROUTER)
+        self.engine_sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.engine_sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        for s in (self.client, self.engine_sock):
+            s.sndhwm = s.rcvhwm = 0
+            s.linger = 0
+        self.client.bind(info.bind_url("task_client"))
+        self.engine_sock.bind(info.bind_url("task_engine"))
+        self.mon = ctx.socket(zmq.PUB)
+        self.mon.sndhwm = 0
+        self.mon.linger = 0
+        self.mon.connect(info.url("monitor"))
+        self.notif = ctx.socket(zmq.SUB)
+        self.notif.linger = 0
+        self.notif.subscribe(b"")
+        self.notif.connect(info.url("notification"))
+
+    def run(self) -> None:
+        ctx = zmq.Context()
+        self._sockets(ctx)
+        poller = zmq.Poller()
+        for s in (self.client, self.engine_sock, self.notif):
+            poller.register(s, zmq.POLLIN)
+        log.info("task scheduler up")
+        try:
+            while True:
+                ready = dict(poller.poll(1000))
+                if self.notif in ready:
+                    self._drain(self.notif, self._on_notification)
+                if self.engine_sock in ready:
+                    self._drain(self.engine_sock, self._on_engine)
+                if self.client in ready:
+                    self._drain(self.client, self._on_client)
+                self._dispatch()
+                self._flush_records()
+        finally:
+            ctx.destroy(linger=0)
+
+    @staticmethod
+    def _drain(sock: zmq.Socket, handler, limit: int = 1000) -> None:
+        for _ in range(limit):
+            if not sock.get(zmq.EVENTS) & zmq.POLLIN:
+                return
+            handler(sock.recv_multipart(copy=False))
+
+    # -- clients -------------------------------------------------------------------------
+    def _on_client(self, frames: list) -> None:
+        try:
+            idents, rest = split_idents(frames)
+            self.session.verify(rest)
+            header = loads(rest[1])
+            msg_type = header["msg_type"]
+            msg_id = header["msg_id"]
+        except (ProtocolError, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+            self.bad("task client socket", str(e))
+            return
+        if msg_type == "apply_request":
+            if msg_id in self.tasks:
+                self.bad("duplicate msg_id", msg_id)
+                return
+            retries = header.get("retries") or 0
+            task = _Task(msg_id, idents, rest, retries if isinstance(retries, int) else 0)
+            self.tasks[msg_id] = task
+            self.queue.append(task)
+        elif msg_type == "abort_request":
+            try:
+                ids = loads(rest[3]).get("msg_ids", [])
+            except (ValueError, AttributeError):
+                self.bad("malformed abort_request")
+                return
+            self._abort(ids)
+        else:
+            self.bad("unknown msg_type on task socket", str(msg_type))
+
+    def _abort(self, ids: list) -> None:
+        per_engine: dict[bytes, list] = {}
+        for msg_id in ids:
+            task = self.tasks.get(msg_id)
+            if task is None:
+                continue
+            if task.engine is None:
+                # still in our queue: drop it here; the queue skips it lazily
+                task.aborted = True
+                del self.tasks[msg_id]
+            else:
+                per_engine.setdefault(task.engine, []).append(msg_id)
+        for euuid, mids in per_engine.items():
+            # queued on the engine: it drops them unless already running, then replies
+            msg = self.session.pack("abort_request", {"msg_ids": mids}, idents=[euuid, b""])
+            self._send_engine(msg)
+
+    # -- engines -------------------------------------------------------------------------
+    def _on_engine(self, frames: list) -> None:
+        try:
+            euuid = frames[0].bytes
+            idents, rest = split_idents(frames[1:])
+            self.session.verify(rest)
+            header = loads(rest[1])
+        except (ProtocolError, ValueError, IndexError, UnicodeDecodeError) as e:
+            self.bad("task engine socket", str(e))
+            return
+        eng = self.engines.get(euuid)
+        if eng is None or header.get("msg_type") != "apply_reply":
+            if header.get("msg_type") != "apply_reply":
+                self.bad("unexpected msg_type from engine", str(header.get("msg_type")))
+            return  # a reply from an engine already declared dead: its task moved on
+        task = eng.outstanding.pop(header.get("parent_id"), None)
+        if task is None:
+            return
+        self.tasks.pop(task.msg_id, None)
+        now = time.time()
+        elapsed = header.get("elapsed")
+        if isinstance(elapsed, (int, float)):
+            self.mean_runtime = policy.ewma(self.mean_runtime, elapsed)
+            self.mean_overhead = policy.ewma(self.mean_overhead, max(0.0, now - task.sent - elapsed))
+        self.client.send_multipart([*idents, DELIM, *rest], copy=False)
+        self._done.append((task.msg_id, header.get("status"), header.get("started"), header.get("completed")))
+
+    def _bound(self) -> int:
+        if self.fixed_hwm:
+            return self.fixed_hwm
+        if self.mean_runtime is None:
+            return 2
+        return policy.outstanding_bound(self.mean_runtime, self.mean_overhead or 0.0)
+
+    def _dispatch(self) -> None:
+        queue = self.queue
+        while queue and queue[0].aborted:
+            queue.popleft()
+        if not queue or not self.order:
+            return
+        bound = self._bound()
+        loads_ = {u: len(e.outstanding) for u, e in self.engines.items()}
+        cap = {}
+        for u, e in self.engines.items():
+            c = bound
+            if e.max_tasks is not None:
+                c = min(c, e.max_tasks - e.sent + len(e.outstanding))
+            cap[u] = c
+        now = time.time()
+        while queue:
+            task = queue[0]
+            if task.aborted:
+                queue.popleft()
+                continue
+            euuid = policy.choose_engine(self.order, loads_, cap, self.rr)
+            if euuid is None:
+                return
+            queue.popleft()
+            eng = self.engines[euuid]
+            if not self._send_engine([euuid, *task.idents, DELIM, *task.rest]):
+                queue.appendleft(task)
+                continue
+            self.rr = (self.order.index(euuid) + 1) % len(self.order)
+            task.engine = euuid
+            task.sent = now
+            if task.retries <= 0:
+                task.rest = None  # nothing to resend: let the payload go
+            eng.outstanding[task.msg_id] = task
+            eng.sent += 1
+            loads_[euuid] += 1
+            self._submitted.append((task.msg_id, eng.id, now))
+
+    def _send_engine(self, frames: list) -> bool:
+        try:
+            self.engine_sock.send_multipart(frames, copy=False)
+            return True
+        except zmq.ZMQError as e:
+            if e.errno != zmq.EHOSTUNREACH:
+                raise
+            euuid = frames[0]
+            log.warning("engine %r unreachable; routing around it", euuid)
+            self._remove_from_routing(euuid)
+            return False
+
+    def _remove_from_routing(self, euuid: bytes) -> None:
+        if euuid in self.order:
+            self.order.remove(euuid)
+            self.rr = 0
+
+    # -- hub notifications ---------------------------------------------------------------
+    def _on_notification(self, frames: list) -> None:
+        try:
+            msg = self.session.unpack(frames[1:] if frames and frames[0].bytes != DELIM else frames)
+        except ProtocolError as e:
+            self.bad("notification", str(e))
+            return
+        kind = msg.header["msg_type"]
+        c = msg.content
+        if kind == "registration":
+            self._add_engine(c)
+        elif kind == "unregistration":
+            self._engine_died(c)
+        elif kind == "hub_beat":
+            live = c.get("engines", {})
+            for info in live.values():
+                if info["uuid"].encode() not in self.engines and info["uuid"].encode() not in self.dead:
+                    self._add_engine(info)
+            live_uuids = {i["uuid"].encode() for i in live.values()}
+            for euuid in [u for u in self.engines if u not in live_uuids]:
+                self._engine_died(dict(self.engines[euuid].info, reason="unregistered"))
+
+    def _add_engine(self, info: dict) -> None:
+        euuid = info["uuid"].encode()
+        if euuid in self.engines or euuid in self.dead:
+            return
+        self.engines[euuid] = _Engine(info)
+        self.order.append(euuid)
+        log.info("engine %s joined", info["id"])
+
+    def _engine_died(self, info: dict) -> None:
+        euuid = info["uuid"].encode()
+        self.dead.add(euuid)
+        eng = self.engines.pop(euuid, None)
+        self._remove_from_routing(euuid)
+        if eng is None:
+            return
+        retried, failed = 0, 0
+        for task in reversed(list(eng.outstanding.values())):
+            if task.rest is not None and task.retries > 0:
+                task.retries -= 1
+                task.engine = None
+                self.queue.appendleft(task)
+                retried += 1
+            else:
+                self.tasks.pop(task.msg_id, None)
+                reply = self.session.pack(
+                    "apply_reply",
+                    {"status": "error", "ename": "EngineDiedError", "engine": info},
+                    parent=task.parent, idents=task.idents, parent_id=task.msg_id,
+                    status="error", engine=eng.id)
+                self.client.send_multipart(reply, copy=False)
+                self._done.append((task.msg_id, "engine_died", None, None))
+                failed += 1
+        log.info("engine %s gone (%s): %d tasks resubmitted, %d failed",
+                 eng.id, info.get("reason", "?"), retried, failed)
+
+    def _flush_records(self) -> None:
+        if self._submitted or self._done:
+            rec = {"submitted": self._submitted, "done": self._done, "queue": len(self.queue)}
+            self.mon.send_multipart([b"task", dumps(rec)])
+            self._submitted = []
+            self._done = []
+
+
+def main(info: ConnectionInfo, hwm: int | None = None) -> None:
+    TaskScheduler(info, hwm).run()

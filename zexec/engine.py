@@ -1,0 +1,337 @@
+"""The engine: registers with the hub, then runs tasks in its main thread.
+
+::
+
+    registrar DEALER  <-> hub       registration, goodbye; hears "unregistered"
+    task DEALER       <-> task scheduler   apply/abort requests in, replies out
+    mux DEALER        <-> MUX device       engine-targeted requests in, replies out
+    control DEALER    <-> control device   abort / shutdown
+    iopub PUB         --> IOPub device     "status" (task started) and "stream" output
+    heart thread: C proxy, SUB (ping) -> DEALER (pong), answering while a task holds the GIL;
+                  its capture feeds a watchdog that exits the engine if the pings stop.
+
+Every socket is read between tasks: incoming requests go to a local FIFO, aborts remove
+their task from it (the task never runs), and each task's reply goes back on the socket
+its request came from.  Every message is verified before anything in it is unpickled.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+import uuid as uuid_mod
+
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from . import serialize
+from .connection import ConnectionInfo
+from .errors import ProtocolError
+from .protocol import RateLimitedLog, Session, loads, split_idents
+
+log = logging.getLogger("zexec.engine")
+
+FN_CACHE_SIZE = 256
+
+
+class _Capture(io.StringIO):
+    """sys.stdout/sys.stderr during a task: text kept for the task's stream message."""
+
+    def __init__(self, name: str, original) -> None:
+        super().__init__()
+        self.name = name
+        self.original = original
+
+    def fileno(self) -> int:
+        return self.original.fileno()
+
+    def isatty(self) -> bool:
+        return False
+
+
+class Engine:
+    def __init__(self, info: ConnectionInfo, *, launcher: str | None = None,
+                 log_path: str | None = None, max_tasks: int | None = None,
+                 initializer=None, initargs: tuple = (), startup_timeout: float = 60.0) -> None:
+        self.info = info
+        self.session = Session(info.key_bytes)
+        self.uuid = uuid_mod.uuid4().hex
+        self.ident = self.uuid.encode()
+        self.launcher = launcher
+        self.log_path = log_path
+        self.max_tasks = max_tasks
+        self.initializer = initializer
+        self.initargs = initargs
+        self.startup_timeout = startup_timeout
+        self.id: int | None = None
+        self.queue: collections.deque = collections.deque()
+        self.fn_cache: collections.OrderedDict = collections.OrderedDict()
+        self.tasks_done = 0
+        self.stopping = False
+        self.bad = RateLimitedLog(log)
+
+    # -- start-up ------------------------------------------------------------------------
+    def _register(self) -> dict:
+        reg = self.ctx.socket(zmq.DEALER)
+        reg.identity = self.ident
+        reg.linger = 1000
+        reg.setsockopt(zmq.RECONNECT_IVL, 50)
+        reg.connect(self.info.url("registration"))
+        self.registrar = reg
+        content = {"uuid": self.uuid, "hostname": socket.gethostname(), "pid": os.getpid(),
+                   "log": self.log_path, "launcher": self.launcher, "max_tasks": self.max_tasks}
+        reg.send_multipart(self.session.pack("registration_request", content))
+        if not reg.poll(int(self.startup_timeout * 1000)):
+            raise TimeoutError(f"no registration reply from {self.info.url('registration')} "
+                               f"within {self.startup_timeout:.0f}s")
+        msg = self.session.unpack(reg.recv_multipart())
+        if msg.content.get("status") != "ok":
+            raise RuntimeError(f"registration refused: {msg.content.get('reason')}")
+        return msg.content
+
+    def _connect(self, reply: dict) -> None:
+        info = self.info.with_(addresses=reply["addresses"])
+        host = None if info.transport == "ipc" else self.info.url("registration").rsplit(":", 1)[0].split("//")[1].strip("[]")
+        url = lambda chan: info.url(chan, host)  # noqa: E731
+        ctx = self.ctx
+        waits = []
+        self.task_sock = ctx.socket(zmq.DEALER)
+        self.mux = ctx.socket(zmq.DEALER)
+        self.control = ctx.socket(zmq.DEALER)
+        for s, chan in ((self.task_sock, "task_engine"), (self.mux, "mux_engine"),
+                        (self.control, "control_engine")):
+            s.identity = self.ident
+            s.linger = 2000
+            s.sndhwm = s.rcvhwm = 0
+            waits.append(s.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED))
+            s.connect(url(chan))
+        self.iopub = ctx.socket(zmq.PUB)
+        self.iopub.linger = 2000
+        self.iopub.sndhwm = 100_000
+        waits.append(self.iopub.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED))
+        self.iopub.connect(url("iopub_engine"))
+        heart_ready = threading.Event()
+        self._start_heart(url("hb_ping"), url("hb_pong"), heart_ready,
+                          float(reply.get("heartbeat_period", 0.5)), int(reply.get("heartbeat_misses", 6)))
+        # the devices' ROUTERs drop messages for identities they do not know yet: tell
+        # the hub we are reachable only once every connection has completed its handshake
+        deadline = time.monotonic() + self.startup_timeout
+        for w in waits:
+            if not w.poll(max(0, int((deadline - time.monotonic()) * 1000))):
+                raise TimeoutError("could not connect to the controller's sockets")
+            recv_monitor_message(w)
+            w.close(linger=0)
+        for s in (self.task_sock, self.mux, self.control, self.iopub):
+            s.disable_monitor()
+        heart_ready.wait(max(0.0, deadline - time.monotonic()))
+
+    def _start_heart(self, ping_url: str, pong_url: str, ready: threading.Event,
+                     period: float, misses: int) -> None:
+        ctx = self.ctx
+        capture_url = f"inproc://heart-capture-{self.uuid}"
+        watch = ctx.socket(zmq.SUB)
+        watch.subscribe(b"")
+        watch.linger = 0
+        watch.bind(capture_url)
+
+        def heart() -> None:
+            sub = ctx.socket(zmq.SUB)
+            sub.subscribe(b"")
+            dealer = ctx.socket(zmq.DEALER)
+            dealer.identity = self.ident
+            cap = ctx.socket(zmq.PUB)
+            for s in (sub, dealer, cap):
+                s.linger = 0
+            cap.connect(capture_url)
+            mon = dealer.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+            sub.connect(ping_url)
+            dealer.connect(pong_url)
+            if mon.poll(int(self.startup_timeout * 1000)):
+                recv_monitor_message(mon)
+            mon.close(linger=0)
+            dealer.disable_monitor()
+            ready.set()
+            try:
+                zmq.proxy(sub, dealer, cap)  # C loop: no GIL needed to answer a ping
+            except zmq.ContextTerminated:
+                pass
+            finally:
+                for s in (sub, dealer, cap):
+                    s.close(linger=0)
+
+        def watchdog() -> None:
+            # the hub is gone when no ping has come for a while: then exit by ourselves
+            limit = max(5.0, 2 * period * misses)
+            try:
+                while True:
+                    if watch.poll(int(limit * 1000)):
+                        watch.recv_multipart()
+                    else:
+                        log.error("no heartbeat from the controller for %.0fs: exiting", limit)
+                        os._exit(4)
+            except zmq.ContextTerminated:
+                watch.close(linger=0)
+
+        threading.Thread(target=heart, name="zexec-heart", daemon=True).start()
+        threading.Thread(target=watchdog, name="zexec-heart-watch", daemon=True).start()
+
+    # -- main loop -----------------------------------------------------------------------
+    def run(self) -> int:
+        self.ctx = zmq.Context()
+        try:
+            reply = self._register()
+            self.id = reply["id"]
+            self._connect(reply)
+            self.registrar.send_multipart(self.session.pack("registration_complete", {"uuid": self.uuid}))
+            log.info("engine %d up (uuid %s)", self.id, self.uuid)
+            if self.initializer is not None:
+                try:
+                    self.initializer(*self.initargs)
+                except BaseException as e:  # noqa: BLE001 - reported, then the engine exits
+                    log.exception("initializer failed")
+                    self._goodbye(f"initializer failed: {type(e).__name__}: {e}", 5, fatal=True)
+                    return 5
+            return self._loop()
+        finally:
+            for name in ("task_sock", "mux", "control", "iopub", "registrar"):
+                sock = getattr(self, name, None)
+                if sock is not None:
+                    sock.close(linger=2000)
+            self.ctx.term()  # the heart and watchdog threads see ETERM and close theirs
+
+    def _goodbye(self, reason: str, exitcode: int, fatal: bool = False) -> None:
+        self.registrar.send_multipart(self.session.pack(
+            "unregistration_notification",
+            {"uuid": self.uuid, "reason": reason, "exitcode": exitcode, "fatal": fatal}))
+
+    def _loop(self) -> int:
+        poller = zmq.Poller()
+        socks = (self.task_sock, self.mux, self.control, self.registrar)
+        for s in socks:
+            poller.register(s, zmq.POLLIN)
+        queue = self.queue
+        while not self.stopping:
+            ready = poller.poll(0 if queue else 1000)
+            for s, _ in ready:
+                for _ in range(10_000):
+                    if not s.get(zmq.EVENTS) & zmq.POLLIN:
+                        break
+                    self._on_message(s, s.recv_multipart(copy=False))
+            if queue and not self.stopping:
+                sock, idents, rest, header = queue.popleft()
+                self._run_task(sock, idents, rest, header)
+                self.tasks_done += 1
+                if self.max_tasks and self.tasks_done >= self.max_tasks:
+                    log.info("engine %d recycled after %d tasks", self.id, self.tasks_done)
+                    self._goodbye("recycled (max_tasks_per_child)", 0)
+                    return 0
+        self._goodbye("shut down", 0)
+        return 0
+
+    def _on_message(self, sock: zmq.Socket, frames: list) -> None:
+        try:
+            idents, rest = split_idents(frames)
+            self.session.verify(rest)
+            header = loads(rest[1])
+            kind = header["msg_type"]
+        except (ProtocolError, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+            self.bad("engine socket", str(e))
+            return
+        if kind == "apply_request" and sock in (self.task_sock, self.mux):
+            self.queue.append((sock, idents, rest, header))
+        elif kind == "abort_request":
+            try:
+                ids = set(loads(rest[3]).get("msg_ids", ()))
+            except (ValueError, AttributeError, TypeError):
+                self.bad("malformed abort_request")
+                return
+            self._abort(ids)
+        elif kind == "shutdown_request" and sock is self.control:
+            log.info("engine %d: shutdown requested", self.id)
+            self.stopping = True
+        elif kind == "unregistered" and sock is self.registrar:
+            log.error("engine %d: the hub declared this engine dead; exiting", self.id)
+            os._exit(6)
+        else:
+            self.bad("unexpected message", str(kind))
+
+    def _abort(self, ids: set) -> None:
+        keep = collections.deque()
+        for item in self.queue:
+            sock, idents, rest, header = item
+            if header.get("msg_id") in ids:
+                self._reply(sock, idents, rest[1], header, {"status": "aborted"}, [], None, None)
+            else:
+                keep.append(item)
+        self.queue = keep
+
+    # -- tasks ---------------------------------------------------------------------------
+    def _fn(self, key: str, frames: list):
+        fn = self.fn_cache.get(key)
+        if fn is None:
+            fn = serialize.loads(frames)
+            self.fn_cache[key] = fn
+            if len(self.fn_cache) > FN_CACHE_SIZE:
+                self.fn_cache.popitem(last=False)
+        return fn
+
+    def _run_task(self, sock, idents, rest, header) -> None:
+        topic = str(header.get("session", "")).encode()
+        msg_id = header["msg_id"]
+        self.iopub.send_multipart(self.session.pack(
+            "status", {"state": "started", "msg_id": msg_id, "engine": self.id}, idents=[topic]))
+        out, err = sys.stdout, sys.stderr
+        cap_out, cap_err = _Capture("stdout", out), _Capture("stderr", err)
+        sys.stdout, sys.stderr = cap_out, cap_err
+        started = time.time()
+        try:
+            content = loads(rest[3])
+            buffers = rest[4:]
+            nfn = content["nfn"]
+            fn = self._fn(content["fn"], buffers[:nfn])
+            args = serialize.loads(buffers[nfn:])
+            if content.get("chunk"):
+                result = serialize.run_chunk(fn, args)
+            else:
+                result = fn(*args[0], **args[1])
+            del args
+            try:
+                frames = serialize.dumps(result)
+                reply = {"status": "ok"}
+            except BaseException as e:  # noqa: BLE001 - an unpicklable result fails its task only
+                note = f"zexec: the result of type {type(result).__name__} could not be pickled"
+                if hasattr(e, "add_note"):
+                    e.add_note(note)
+                reply, frames = serialize.exception_frames(e)
+            del result
+        except BaseException as e:  # noqa: BLE001 - the task's own exception goes back to its caller
+            reply, frames = serialize.exception_frames(e)
+            del e
+        finally:
+            sys.stdout, sys.stderr = out, err
+        completed = time.time()
+        for cap in (cap_out, cap_err):
+            text = cap.getvalue()
+            if text:
+                self.iopub.send_multipart(self.session.pack(
+                    "stream", {"name": cap.name, "text": text, "msg_id": msg_id, "engine": self.id},
+                    idents=[topic]))
+        self._reply(sock, idents, rest[1], header, reply, frames, started, completed)
+
+    def _reply(self, sock, idents, parent, header, content, frames, started, completed) -> None:
+        extra = {"parent_id": header.get("msg_id"), "status": content["status"], "engine": self.id}
+        if started is not None:
+            extra.update(started=started, completed=completed, elapsed=completed - started)
+        msg = self.session.pack("apply_reply", content, parent=parent, idents=idents,
+                                buffers=frames, **extra)
+        sock.send_multipart(msg, copy=False)
+
+
+def main(info: ConnectionInfo, **kwargs) -> int:
+    return Engine(info, **kwargs).run()

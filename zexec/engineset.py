@@ -1,0 +1,217 @@
+"""``zexec engine -n K``: starts K engines and keeps them (a small fork server).
+
+The parent imports zexec once, then forks each engine, so a new engine is ready in
+milliseconds (replacements and recycled engines included).  It reaps its children at
+once (SIGCHLD), tells the hub how each one exited (exit code or signal, for the error
+its tasks fail with), replaces it when asked to keep K alive, and kills an engine the
+hub declared dead that still runs (e.g. hung or stopped).  When it stops, or its own
+parent dies, it stops every engine.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+import uuid
+
+import zmq
+
+from ._proc import setup_logging, watch_parent
+from .connection import ConnectionInfo
+from .errors import ProtocolError
+from .protocol import Session
+
+log = logging.getLogger("zexec.engineset")
+
+#: engines that die this young this many times in a row stop the replacing
+CRASH_LOOP_AGE = 2.0
+CRASH_LOOP_COUNT = 5
+
+
+class EngineSet:
+    def __init__(self, info: ConnectionInfo, n: int, *, replace: bool = False,
+                 log_dir: str | None = None, max_tasks: int | None = None,
+                 init_file: str | None = None) -> None:
+        self.info = info
+        self.n = n
+        self.replace = replace
+        self.log_dir = log_dir
+        self.max_tasks = max_tasks
+        self.init_file = init_file
+        self.id = uuid.uuid4().hex
+        self.session = Session(info.key_bytes)
+        self.children: dict[int, float] = {}
+        self.young_deaths = 0
+        self.initializer = None
+        self.initargs: tuple = ()
+
+    def _load_initializer(self) -> None:
+        if not self.init_file:
+            return
+        from . import serialize
+
+        with open(self.init_file, "rb") as f:
+            sig, _, payload = f.read().partition(b"\n")
+        if not self.session.signer.sign([payload]) == sig:
+            raise ProtocolError(f"{self.init_file}: bad signature; refusing to unpickle it")
+        self.initializer, self.initargs = serialize.loads([payload])
+
+    def spawn(self) -> int:
+        parent = os.getpid()
+        log_path = None
+        pid = os.fork()
+        if pid:
+            self.children[pid] = time.monotonic()
+            return pid
+        code = 1
+        try:
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.set_wakeup_fd(-1)
+            if self.log_dir:
+                log_path = os.path.join(self.log_dir, f"engine-{os.getpid()}.log")
+                fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+                os.dup2(fd, 1)
+                os.dup2(fd, 2)
+                os.close(fd)
+            setup_logging()
+            watch_parent(parent)
+            from .engine import Engine
+
+            code = Engine(self.info, launcher=self.id, log_path=log_path, max_tasks=self.max_tasks,
+                          initializer=self.initializer, initargs=self.initargs).run()
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        except BaseException:  # noqa: BLE001
+            logging.getLogger("zexec.engine").exception("engine failed")
+            code = 1
+        finally:
+            try:
+                sys.stdout.flush()
+                sys.stderr.flush()
+            finally:
+                os._exit(code)
+        return 0  # unreachable
+
+    def run(self, parent_pid: int = 0) -> int:
+        setup_logging()
+        if parent_pid:
+            watch_parent(parent_pid, on_death=self._kill_all)
+        self._load_initializer()
+        rfd, wfd = os.pipe()
+        os.set_blocking(wfd, False)
+        os.set_blocking(rfd, False)
+        signal.set_wakeup_fd(wfd)
+        stop = {"flag": False}
+
+        def on_stop(signum, frame):
+            stop["flag"] = True
+
+        signal.signal(signal.SIGCHLD, lambda *a: None)
+        signal.signal(signal.SIGTERM, on_stop)
+        signal.signal(signal.SIGINT, on_stop)
+        for _ in range(self.n):
+            self.spawn()
+        ctx = zmq.Context()
+        hub = ctx.socket(zmq.DEALER)
+        hub.linger = 500
+        hub.connect(self.info.url("registration"))
+        notif = ctx.socket(zmq.SUB)
+        notif.linger = 0
+        notif.subscribe(b"unregistration")
+        notif.connect(self.info.url("notification"))
+        poller = zmq.Poller()
+        poller.register(rfd, zmq.POLLIN)
+        poller.register(notif, zmq.POLLIN)
+        log.info("engine set %s: %d engines%s", self.id, self.n, " (replacing)" if self.replace else "")
+        try:
+            while not stop["flag"]:
+                ready = dict(poller.poll(1000))
+                if rfd in ready:
+                    try:
+                        while os.read(rfd, 512):
+                            pass
+                    except BlockingIOError:
+                        pass
+                self._reap(hub, stop)
+                if notif in ready:
+                    while notif.get(zmq.EVENTS) & zmq.POLLIN:
+                        self._on_notification(notif.recv_multipart())
+                if not self.children and not self.replace:
+                    break
+        finally:
+            self._kill_all()
+            self._reap(hub, {"flag": True})
+            ctx.destroy(linger=500)
+        return 0
+
+    def _reap(self, hub: zmq.Socket, stop: dict) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if not pid:
+                return
+            born = self.children.pop(pid, None)
+            if born is None:
+                continue
+            rc = os.waitstatus_to_exitcode(status)
+            log.info("engine pid %d exited with %s", pid, rc)
+            hub.send_multipart(self.session.pack(
+                "engine_exit", {"launcher": self.id, "pid": pid, "exitcode": rc}))
+            if stop["flag"] or not self.replace:
+                continue
+            self.young_deaths = self.young_deaths + 1 if time.monotonic() - born < CRASH_LOOP_AGE and rc != 0 else 0
+            if self.young_deaths >= CRASH_LOOP_COUNT:
+                log.error("engines keep dying at start (last exit %s): not replacing them", rc)
+                self.replace = False
+                continue
+            self.spawn()
+
+    def _on_notification(self, frames: list) -> None:
+        try:
+            msg = self.session.unpack(frames)
+        except ProtocolError:
+            return
+        c = msg.content
+        pid = c.get("pid")
+        if (msg.header["msg_type"] == "unregistration" and c.get("launcher") == self.id
+                and pid in self.children):
+            # declared dead but still here (hung, stopped): make it so
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def _kill_all(self, timeout: float = 3.0) -> None:
+        for pid in list(self.children):
+            try:
+                os.kill(pid, signal.SIGTERM)
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + timeout
+        while self.children and time.monotonic() < deadline:
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                self.children.clear()
+                return
+            if pid:
+                self.children.pop(pid, None)
+            else:
+                time.sleep(0.01)  # polling a reap with a deadline
+        for pid in list(self.children):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def main(info: ConnectionInfo, n: int, parent_pid: int = 0, **kwargs) -> int:
+    return EngineSet(info, n, **kwargs).run(parent_pid)

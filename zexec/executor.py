@@ -1,0 +1,232 @@
+"""``ZmqExecutor`` (load-balanced) and ``DirectView`` (one engine): real Executors.
+
+Both are thin: ``submit`` hands the call to the shared :class:`~zexec.client.Client`,
+``map`` chunks like ``ProcessPoolExecutor`` (a chunk is one task) and yields results in
+order, lazily, with a deadline; ``shutdown`` follows the stdlib contract.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+import time
+from concurrent.futures import Executor, Future
+from typing import Any, Callable, Iterable, Iterator
+
+from .client import Client
+from .errors import ClusterStartError
+
+#: set by zexec.cluster at import: builds the LocalCluster a ZmqExecutor owns
+_cluster_factory: Callable[..., Any] | None = None
+
+
+class _ExecutorBase(Executor):
+    _target: int | None = None
+
+    def _init_base(self, client: Client, retries: int = 0) -> None:
+        self._client = client
+        self._retries = retries
+        self._shutdown = False
+        self._shutdown_lock = threading.Lock()
+        self._pending: set[Future] = set()
+
+    def _track(self, fut: Future) -> Future:
+        if not fut.done():
+            self._pending.add(fut)
+            fut.add_done_callback(self._pending.discard)
+        return fut
+
+    def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> Future:
+        with self._shutdown_lock:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            return self._track(self._client.submit(fn, args, kwargs, target=self._target,
+                                                   retries=self._retries))
+
+    submit.__doc__ = Executor.submit.__doc__
+
+    def map(self, fn: Callable, *iterables: Iterable, timeout: float | None = None,
+            chunksize: int = 1) -> Iterator:
+        """Like ``ProcessPoolExecutor.map``: ordered, lazy results; a chunk is one task."""
+        if chunksize < 1:
+            raise ValueError("chunksize must be >= 1.")
+        end_time = None if timeout is None else timeout + time.monotonic()
+        if chunksize == 1:
+            fs = [self.submit(fn, *args) for args in zip(*iterables)]
+        else:
+            fs = []
+            it = zip(*iterables)
+            while chunk := tuple(itertools.islice(it, chunksize)):
+                with self._shutdown_lock:
+                    if self._shutdown:
+                        raise RuntimeError("cannot schedule new futures after shutdown")
+                    fs.append(self._track(self._client.submit(
+                        fn, chunk, target=self._target, retries=self._retries, chunk=True)))
+
+        def result_iterator() -> Iterator:
+            try:
+                fs.reverse()  # pop from the end: no future is kept once yielded
+                while fs:
+                    fut = fs.pop()
+                    try:
+                        if end_time is None:
+                            result = fut.result()
+                        else:
+                            result = fut.result(end_time - time.monotonic())
+                    finally:
+                        del fut
+                    if chunksize == 1:
+                        yield result
+                    else:
+                        yield from result
+            finally:
+                for fut in fs:
+                    fut.cancel()
+
+        return result_iterator()
+
+    def _wait_pending(self, cancel_futures: bool) -> list[Future]:
+        pending = list(self._pending)
+        if cancel_futures:
+            for fut in pending:
+                fut.cancel()
+        return pending
+
+
+class ZmqExecutor(_ExecutorBase):
+    """A ``concurrent.futures.Executor`` on a zexec cluster, load-balanced over its engines.
+
+    ``ZmqExecutor(max_workers=4)`` starts and owns a LocalCluster of 4 engines (a drop-in
+    for ``ProcessPoolExecutor``, accepting its arguments); ``ZmqExecutor(connection=path)``
+    joins a running cluster through its connection file.  ``retries=k`` resubmits a task
+    whose engine died up to k times before failing it with EngineDiedError.
+    """
+
+    def __init__(self, max_workers: int | None = None, mp_context: Any = None,
+                 initializer: Callable | None = None, initargs: tuple = (), *,
+                 max_tasks_per_child: int | None = None, connection: Any = None,
+                 retries: int = 0, forward_output: bool = True, timeout: float = 10.0,
+                 **cluster_kwargs: Any) -> None:
+        self._cluster = None
+        if connection is None:
+            if max_workers is not None and max_workers <= 0:
+                raise ValueError("max_workers must be greater than 0")
+            if initializer is not None and not callable(initializer):
+                raise TypeError("initializer must be a callable")
+            if max_tasks_per_child is not None:
+                if not isinstance(max_tasks_per_child, int):
+                    raise TypeError("max_tasks_per_child must be an integer")
+                if max_tasks_per_child <= 0:
+                    raise ValueError("max_tasks_per_child must be >= 1")
+            if _cluster_factory is None:
+                raise ClusterStartError("zexec.cluster is not imported")
+            n = max_workers or os.cpu_count() or 1
+            self._cluster = _cluster_factory(n, initializer=initializer, initargs=initargs,
+                                             max_tasks_per_child=max_tasks_per_child,
+                                             **cluster_kwargs)
+            self._cluster.start()
+            connection = self._cluster.connection_file
+            try:
+                client = Client(connection, timeout=timeout, forward_output=forward_output)
+            except BaseException:
+                self._cluster.stop()
+                raise
+            try:
+                self._cluster.wait_for_engines(client)
+            except BaseException:
+                client.close()
+                self._cluster.stop()
+                raise
+        elif isinstance(connection, Client):
+            client = connection
+        else:
+            client = Client(connection, timeout=timeout, forward_output=forward_output)
+        self._owns_client = not isinstance(connection, Client)
+        self._max_workers = max_workers
+        self._init_base(client, retries)
+        self._views: dict[int, DirectView] = {}
+
+    @property
+    def cluster(self):
+        """The LocalCluster this executor owns, if any."""
+        return self._cluster
+
+    @property
+    def client(self) -> Client:
+        return self._client
+
+    @property
+    def engines(self) -> list[int]:
+        """Ids of the live engines."""
+        return self._client.engines
+
+    def engine(self, engine_id: int) -> "DirectView":
+        """A DirectView: an Executor whose tasks all run on engine ``engine_id``."""
+        if engine_id not in self._client.engines and self._client.engine_info(engine_id) is None:
+            raise ValueError(f"no engine {engine_id} (engines: {self.engines})")
+        view = self._views.get(engine_id)
+        if view is None:
+            view = self._views[engine_id] = DirectView(self._client, engine_id)
+        return view
+
+    def status(self, timeout: float = 10.0) -> dict:
+        """The hub's view: engines (tasks done, queued), task queue, tasks by state."""
+        return self._client.request("queue_request", timeout=timeout)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        with self._shutdown_lock:
+            first = not self._shutdown
+            self._shutdown = True
+        if not first and not wait:
+            return
+        pending = self._wait_pending(cancel_futures)
+        for view in list(self._views.values()):
+            pending += view._wait_pending(cancel_futures)
+            view._shutdown = True
+
+        def finish() -> None:
+            for fut in pending:
+                try:
+                    fut.exception()
+                except BaseException:  # noqa: BLE001 - cancelled: nothing to wait for
+                    pass
+            if self._owns_client:
+                self._client.close()
+            if self._cluster is not None:
+                self._cluster.stop()
+
+        if wait:
+            finish()
+        elif first:
+            threading.Thread(target=finish, name="zexec-shutdown").start()
+
+    shutdown.__doc__ = Executor.shutdown.__doc__
+
+
+class DirectView(_ExecutorBase):
+    """An Executor bound to one engine (through the MUX): tasks run there, in order."""
+
+    def __init__(self, client: Client, engine_id: int) -> None:
+        self._target = engine_id
+        self._init_base(client)
+
+    @property
+    def engine_id(self) -> int:
+        return self._target
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        with self._shutdown_lock:
+            self._shutdown = True
+        pending = self._wait_pending(cancel_futures)
+        if wait:
+            for fut in pending:
+                try:
+                    fut.exception()
+                except BaseException:  # noqa: BLE001
+                    pass
+
+    shutdown.__doc__ = Executor.shutdown.__doc__
+
+    def __repr__(self) -> str:
+        return f"<DirectView engine={self._target}>"

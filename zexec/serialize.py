@@ -1,0 +1,106 @@
+"""Payloads: cloudpickle (protocol 5) with out-of-band buffers, and exception capture.
+
+A payload is a list of frames: the pickle stream first, then every large buffer it
+refers to (numpy arrays, PickleBuffers), sent as its own frame without a copy.  Small
+buffers stay in-band: a frame costs more than copying a few kilobytes.
+
+Exceptions travel twice: pickled (with a tblib-rebuilt traceback) for the real object,
+and as plain text (type name, message, traceback) in the JSON content, so a client
+that cannot unpickle the exception still reports it faithfully as RemoteError.
+"""
+
+from __future__ import annotations
+
+import pickle
+import traceback as tb_mod
+from typing import Any, Callable, Sequence
+
+import cloudpickle
+
+from .errors import RemoteError, RemoteTraceback
+
+#: buffers smaller than this are pickled in-band
+OOB_THRESHOLD = 64 * 1024
+
+PROTOCOL = 5
+
+
+def dumps(obj: Any) -> list:
+    """Pickle ``obj`` to frames: [stream, *out-of-band buffers]."""
+    bufs: list = []
+
+    def callback(pb: pickle.PickleBuffer) -> bool:
+        raw = pb.raw()
+        if raw.nbytes < OOB_THRESHOLD:
+            return True  # in-band
+        bufs.append(raw)
+        return False
+
+    stream = cloudpickle.dumps(obj, protocol=PROTOCOL, buffer_callback=callback)
+    return [stream, *bufs]
+
+
+def loads(frames: Sequence[Any]) -> Any:
+    """Inverse of :func:`dumps`; out-of-band frames are used without copying."""
+    first = frames[0]
+    if not isinstance(first, bytes):
+        first = memoryview(first)
+    return pickle.loads(first, buffers=[memoryview(f) for f in frames[1:]])
+
+
+def run_chunk(fn: Callable, chunk: Sequence[tuple]) -> list:
+    """Apply ``fn`` to each argument tuple of a chunk (one task of a chunked ``map``)."""
+    return [fn(*args) for args in chunk]
+
+
+def format_exception(exc: BaseException) -> str:
+    return "".join(tb_mod.format_exception(type(exc), exc, exc.__traceback__))
+
+
+def exception_frames(exc: BaseException) -> tuple[dict, list]:
+    """The JSON fields and pickled frames that carry ``exc`` back to a client.
+
+    The pickle holds the exception with its traceback (tblib), or nothing when the
+    exception cannot be pickled: the client then raises RemoteError from the fields.
+    """
+    text = format_exception(exc)
+    fields = {"status": "error", "ename": type(exc).__qualname__, "evalue": _safe_str(exc),
+              "traceback": text}
+    try:
+        from tblib import Traceback
+
+        tbd = Traceback(exc.__traceback__).to_dict() if exc.__traceback__ else None
+        frames = dumps((exc, tbd, text))
+    except Exception as e:  # noqa: BLE001 - any pickling failure degrades to text
+        fields["pickle_error"] = f"{type(e).__name__}: {e}"
+        frames = []
+    return fields, frames
+
+
+def _safe_str(exc: BaseException) -> str:
+    try:
+        return str(exc)
+    except Exception:  # noqa: BLE001
+        return f"<unprintable {type(exc).__name__}>"
+
+
+def rebuild_exception(fields: dict, frames: Sequence[Any]) -> BaseException:
+    """The exception a client raises for an error reply: the original type where possible."""
+    text = fields.get("traceback", "")
+    if frames:
+        try:
+            exc, tbd, text = loads(frames)
+            if tbd is not None:
+                from tblib import Traceback
+
+                try:
+                    exc = exc.with_traceback(Traceback.from_dict(tbd).as_traceback())
+                except Exception:  # noqa: BLE001 - the text traceback is kept below
+                    pass
+            exc.__cause__ = RemoteTraceback(text)
+            return exc
+        except Exception as e:  # noqa: BLE001 - an exception that fails to unpickle
+            err = RemoteError(fields.get("ename", "?"), fields.get("evalue", ""), text)
+            err.__cause__ = e
+            return err
+    return RemoteError(fields.get("ename", "?"), fields.get("evalue", ""), text)
