@@ -7,7 +7,7 @@
                                  |
     IO thread  --DEALER--> task scheduler   apply/abort requests; replies back
                --DEALER--> MUX device       engine-targeted requests; replies back
-               --DEALER--> control device   aborts for engine-targeted tasks
+               --DEALER--> control device   shutdown requests to engines
                --DEALER--> registrar        connection and status queries
                <--SUB----- IOPub device     task started (future -> RUNNING), output
                <--SUB----- hub notifications engines joining/leaving; hub_beat
@@ -55,19 +55,53 @@ def _close_all() -> None:
 
 
 class ZFuture(Future):
-    """A Future whose successful ``cancel()`` also drops the task wherever it waits."""
+    """A Future whose ``cancel()`` drops the task wherever it waits, or fails.
 
-    __slots__ = ()
+    A PENDING task may already have reached an engine that is about to start it, so
+    ``cancel()`` asks (the scheduler, or the engine, behind the task on the same pipe)
+    and returns True only if the task was dropped: a cancelled task never runs.
+    """
 
     def cancel(self) -> bool:
-        with self._condition:
-            was_pending = self._state == PENDING
-        ok = super().cancel()
-        if ok and was_pending:
-            client = getattr(self, "_zclient", None)
-            if client is not None:
-                client._abort(self)
-        return ok
+        return bool(cancel_all([self]))
+
+
+def cancel_all(futures: list) -> list:
+    """Cancel many futures with one round trip per destination; returns those cancelled."""
+    by_client: dict = {}
+    done = []
+    for f in futures:
+        with f._condition:
+            pending = f._state == PENDING
+        client = getattr(f, "_zclient", None)
+        if pending and client is not None and not client._closing and client._broken is None:
+            by_client.setdefault(client, []).append(f)
+        elif Future.cancel(f):
+            done.append(f)
+    for client, fs in by_client.items():
+        verdict = client._abort_sync(fs)
+        for f in fs:
+            if verdict.get(f.msg_id) and Future.cancel(f):
+                done.append(f)
+    return done
+
+
+class _Verdicts:
+    """Collects abort outcomes (msg_id -> dropped?) until every id is decided."""
+
+    def __init__(self, ids) -> None:
+        self.remaining = set(ids)
+        self.result: dict[str, bool] = {}
+        self.event = threading.Event()
+        if not self.remaining:
+            self.event.set()
+
+    def decide(self, msg_id: str, ok: bool) -> None:
+        if msg_id in self.remaining:
+            self.remaining.discard(msg_id)
+            self.result[msg_id] = ok
+            if not self.remaining:
+                self.event.set()
 
 
 class Client:
@@ -83,6 +117,7 @@ class Client:
         self._futures: dict[str, tuple[Future, int | None]] = {}
         self._outbox: collections.deque = collections.deque()
         self._requests: dict[str, Future] = {}
+        self._abort_waits: dict[str, _Verdicts] = {}
         self._engines: dict[int, dict] = {}
         self._dead: dict[int, dict] = {}
         self._cond = threading.Condition()
@@ -203,9 +238,17 @@ class Client:
         self._wake()
         return fut
 
-    def _abort(self, fut: Future) -> None:
-        self._outbox.append(("abort", None, fut.msg_id, fut, None))
+    def _abort_sync(self, futures: list, timeout: float = 10.0) -> dict:
+        """Ask where each task waits to drop it; msg_id -> True if it was dropped."""
+        if threading.current_thread() is self._thread:
+            # a done-callback cancelling: we cannot wait on ourselves, and dropping the
+            # future locally could let its task run unseen, so report nothing dropped
+            return {}
+        verdict = _Verdicts(f.msg_id for f in futures)
+        self._outbox.append(("abort", None, None, verdict, futures))
         self._wake()
+        verdict.event.wait(timeout)
+        return verdict.result
 
     def _wake(self) -> None:
         # one byte per sleep of the IO thread, not per message: it clears the flag
@@ -309,8 +352,6 @@ class Client:
         while outbox:
             kind, target, msg_id, fut, frames = outbox.popleft()
             if kind == "apply":
-                if fut.cancelled():
-                    continue  # cancelled before it left: it never exists anywhere
                 if self._broken is not None:
                     _fail(fut, self._broken)
                     continue
@@ -323,20 +364,29 @@ class Client:
                 else:
                     _fail(fut, EngineDiedError.from_info(self._dead.get(target, {"id": target})))
             elif kind == "abort":
-                entry = self._futures.pop(msg_id, None)
-                if entry is not None:
-                    aborts.setdefault(entry[1], []).append(msg_id)
+                verdict, futures = fut, frames
+                for f in futures:
+                    entry = self._futures.get(f.msg_id)
+                    if entry is None:
+                        verdict.decide(f.msg_id, False)  # already resolved
+                    else:
+                        self._abort_waits[f.msg_id] = verdict
+                        aborts.setdefault(entry[1], []).append(f.msg_id)
             elif kind == "request":
                 hdr_id = loads(frames[2])["msg_id"]
                 self._requests[hdr_id] = fut
                 self.registrar.send_multipart(frames)
+        # aborts follow their tasks on the same socket, so they arrive after them
         for target, ids in aborts.items():
             if target is None:
                 self.task.send_multipart(self.session.pack("abort_request", {"msg_ids": ids}))
             elif target in self._engines:
                 uuid = self._engines[target]["uuid"].encode()
-                self.control.send_multipart(self.session.pack("abort_request", {"msg_ids": ids},
-                                                              idents=[uuid]))
+                self.mux.send_multipart(self.session.pack("abort_request", {"msg_ids": ids},
+                                                          idents=[uuid]))
+            else:
+                for msg_id in ids:
+                    self._abort_waits.pop(msg_id).decide(msg_id, False)
 
     def _on_reply(self, frames: list) -> None:
         try:
@@ -346,6 +396,21 @@ class Client:
             content = loads(rest[3])
         except (ProtocolError, ValueError, UnicodeDecodeError) as e:
             self._bad("reply", str(e))
+            return
+        if header.get("msg_type") == "abort_reply":
+            for msg_id in content.get("aborted", ()):
+                entry = self._futures.pop(msg_id, None)
+                if entry is not None:
+                    # cancel here, not only in the waiting thread: a verdict that comes
+                    # after its wait timed out must still settle the future
+                    Future.cancel(entry[0])
+                w = self._abort_waits.pop(msg_id, None)
+                if w is not None:
+                    w.decide(msg_id, True)
+            for msg_id in content.get("not_found", ()):
+                w = self._abort_waits.pop(msg_id, None)
+                if w is not None:
+                    w.decide(msg_id, False)
             return
         entry = self._futures.pop(header.get("parent_id"), None)
         if entry is None:
@@ -370,8 +435,6 @@ class Client:
             else:
                 exc = serialize.rebuild_exception(content, rest[4:])
             _fail(fut, exc)
-        elif status == "aborted":
-            _fail(fut, ZexecError("task aborted"))
 
     def _on_iopub(self, frames: list) -> None:
         try:
@@ -447,6 +510,9 @@ class Client:
         for msg_id, (fut, target) in list(self._futures.items()):
             if target == eid:
                 del self._futures[msg_id]
+                w = self._abort_waits.pop(msg_id, None)
+                if w is not None:
+                    w.decide(msg_id, False)
                 _fail(fut, exc)
         if info.get("fatal"):
             # like a pool whose worker cannot start: nothing submitted can be trusted to run
@@ -464,10 +530,16 @@ class Client:
         futures, self._futures = self._futures, {}
         for fut, _ in futures.values():
             _fail(fut, exc)
+        waits, self._abort_waits = self._abort_waits, {}
+        for msg_id, w in waits.items():
+            w.decide(msg_id, False)
         while self._outbox:
             item = self._outbox.popleft()
             if item[0] in ("apply", "request"):
                 _fail(item[3], exc)
+            elif item[0] == "abort":
+                for f in item[4]:
+                    item[3].decide(f.msg_id, False)
         requests, self._requests = self._requests, {}
         for fut in requests.values():
             _fail(fut, exc)

@@ -4,8 +4,8 @@
 
     registrar DEALER  <-> hub       registration, goodbye; hears "unregistered"
     task DEALER       <-> task scheduler   apply/abort requests in, replies out
-    mux DEALER        <-> MUX device       engine-targeted requests in, replies out
-    control DEALER    <-> control device   abort / shutdown
+    mux DEALER        <-> MUX device       engine-targeted apply/abort requests in, replies out
+    control DEALER    <-> control device   shutdown
     iopub PUB         --> IOPub device     "status" (task started) and "stream" output
     heart thread: C proxy, SUB (ping) -> DEALER (pong), answering while a task holds the GIL;
                   its capture feeds a watchdog that exits the engine if the pings stop.
@@ -38,6 +38,8 @@ from .protocol import RateLimitedLog, Session, loads, split_idents
 log = logging.getLogger("zexec.engine")
 
 FN_CACHE_SIZE = 256
+#: a task running longer than this has its sockets read by the watcher thread
+WATCH_AFTER = 0.01
 
 
 class _Capture(io.StringIO):
@@ -74,6 +76,8 @@ class Engine:
         self.fn_cache: collections.OrderedDict = collections.OrderedDict()
         self.tasks_done = 0
         self.stopping = False
+        self.running_since: float | None = None
+        self.sock_lock = threading.Lock()
         self.bad = RateLimitedLog(log)
 
     # -- start-up ------------------------------------------------------------------------
@@ -210,20 +214,45 @@ class Engine:
             "unregistration_notification",
             {"uuid": self.uuid, "reason": reason, "exitcode": exitcode, "fatal": fatal}))
 
+    def _poll_once(self, poller: zmq.Poller, timeout: int) -> None:
+        for s, _ in poller.poll(timeout):
+            for _ in range(10_000):
+                if not s.get(zmq.EVENTS) & zmq.POLLIN:
+                    break
+                self._on_message(s, s.recv_multipart(copy=False))
+
+    def _watch_long_tasks(self, poller: zmq.Poller) -> None:
+        """While a task runs longer than WATCH_AFTER, read the sockets on its behalf.
+
+        The main thread is busy in the task, so without this an abort for a task queued
+        behind it would wait for it to end.  The sockets change hands under
+        ``sock_lock``: the main thread holds it whenever no long task runs, so short
+        tasks pay nothing but an uncontended lock.
+        """
+        while not self.stopping:
+            time.sleep(WATCH_AFTER / 2)  # a cheap periodic look at the main thread
+            t = self.running_since
+            if t is None or time.monotonic() - t < WATCH_AFTER:
+                continue
+            with self.sock_lock:
+                while self.running_since == t and not self.stopping:
+                    self._poll_once(poller, 5)
+
     def _loop(self) -> int:
         poller = zmq.Poller()
         socks = (self.task_sock, self.mux, self.control, self.registrar)
         for s in socks:
             poller.register(s, zmq.POLLIN)
         queue = self.queue
-        while not self.stopping:
-            ready = poller.poll(0 if queue else 1000)
-            for s, _ in ready:
-                for _ in range(10_000):
-                    if not s.get(zmq.EVENTS) & zmq.POLLIN:
-                        break
-                    self._on_message(s, s.recv_multipart(copy=False))
-            if queue and not self.stopping:
+        threading.Thread(target=self._watch_long_tasks, args=(poller,),
+                         name="zexec-engine-watch", daemon=True).start()
+        lock = self.sock_lock
+        lock.acquire()
+        try:
+            while not self.stopping:
+                self._poll_once(poller, 0 if queue else 1000)
+                if not queue or self.stopping:
+                    continue
                 sock, idents, rest, header = queue.popleft()
                 self._run_task(sock, idents, rest, header)
                 self.tasks_done += 1
@@ -231,8 +260,11 @@ class Engine:
                     log.info("engine %d recycled after %d tasks", self.id, self.tasks_done)
                     self._goodbye("recycled (max_tasks_per_child)", 0)
                     return 0
-        self._goodbye("shut down", 0)
-        return 0
+            self._goodbye("shut down", 0)
+            return 0
+        finally:
+            self.stopping = True
+            lock.release()
 
     def _on_message(self, sock: zmq.Socket, frames: list) -> None:
         try:
@@ -251,7 +283,7 @@ class Engine:
             except (ValueError, AttributeError, TypeError):
                 self.bad("malformed abort_request")
                 return
-            self._abort(ids)
+            self._abort(sock, idents, rest[1], ids)
         elif kind == "shutdown_request" and sock is self.control:
             log.info("engine %d: shutdown requested", self.id)
             self.stopping = True
@@ -261,15 +293,24 @@ class Engine:
         else:
             self.bad("unexpected message", str(kind))
 
-    def _abort(self, ids: set) -> None:
-        keep = collections.deque()
-        for item in self.queue:
-            sock, idents, rest, header = item
-            if header.get("msg_id") in ids:
-                self._reply(sock, idents, rest[1], header, {"status": "aborted"}, [], None, None)
+    def _abort(self, sock, idents, parent, ids: set) -> None:
+        """Drop queued tasks named in ``ids``; answer which were dropped and which not.
+
+        An abort travels behind its task on the same socket, so a task that is not in
+        the queue now has already started (or finished): it is reported not found.
+        """
+        queue = self.queue
+        aborted = []
+        for _ in range(len(queue)):  # in place: the main loop holds this deque
+            item = queue.popleft()
+            if item[3].get("msg_id") in ids:
+                aborted.append(item[3]["msg_id"])
             else:
-                keep.append(item)
-        self.queue = keep
+                queue.append(item)
+        not_found = sorted(ids.difference(aborted))
+        sock.send_multipart(self.session.pack(
+            "abort_reply", {"aborted": aborted, "not_found": not_found, "engine": self.id},
+            parent=parent, idents=idents))
 
     # -- tasks ---------------------------------------------------------------------------
     def _fn(self, key: str, frames: list):
@@ -290,6 +331,9 @@ class Engine:
         cap_out, cap_err = _Capture("stdout", out), _Capture("stderr", err)
         sys.stdout, sys.stderr = cap_out, cap_err
         started = time.time()
+        # hand the sockets to the watcher should this task run long (see _watch_long_tasks)
+        self.running_since = time.monotonic()
+        self.sock_lock.release()
         try:
             content = loads(rest[3])
             buffers = rest[4:]
@@ -315,6 +359,8 @@ class Engine:
             del e
         finally:
             sys.stdout, sys.stderr = out, err
+            self.running_since = None
+            self.sock_lock.acquire()
         completed = time.time()
         for cap in (cap_out, cap_err):
             text = cap.getvalue()

@@ -14,7 +14,7 @@ import time
 from concurrent.futures import Executor, Future
 from typing import Any, Callable, Iterable, Iterator
 
-from .client import Client
+from .client import Client, cancel_all
 from .errors import ClusterStartError
 
 #: set by zexec.cluster at import: builds the LocalCluster a ZmqExecutor owns
@@ -81,16 +81,14 @@ class _ExecutorBase(Executor):
                     else:
                         yield from result
             finally:
-                for fut in fs:
-                    fut.cancel()
+                cancel_all(fs)
 
         return result_iterator()
 
     def _wait_pending(self, cancel_futures: bool) -> list[Future]:
         pending = list(self._pending)
         if cancel_futures:
-            for fut in pending:
-                fut.cancel()
+            cancel_all(pending)
         return pending
 
 

@@ -147,26 +147,35 @@ class TaskScheduler:
             except (ValueError, AttributeError):
                 self.bad("malformed abort_request")
                 return
-            self._abort(ids)
+            self._abort(idents, rest[1], ids)
         else:
             self.bad("unknown msg_type on task socket", str(msg_type))
 
-    def _abort(self, ids: list) -> None:
+    def _abort(self, idents: list, parent, ids: list) -> None:
+        """Drop tasks still queued here and answer for them; ask engines about the rest."""
         per_engine: dict[bytes, list] = {}
+        aborted, not_found = [], []
         for msg_id in ids:
             task = self.tasks.get(msg_id)
             if task is None:
-                continue
-            if task.engine is None:
-                # still in our queue: drop it here; the queue skips it lazily
-                task.aborted = True
+                not_found.append(msg_id)  # finished, or failed with its engine
+            elif task.engine is None:
+                task.aborted = True  # the queue skips it lazily
                 del self.tasks[msg_id]
+                aborted.append(msg_id)
             else:
                 per_engine.setdefault(task.engine, []).append(msg_id)
+        self.client.send_multipart(self.session.pack(
+            "abort_reply", {"aborted": aborted, "not_found": not_found}, parent=parent,
+            idents=idents), copy=False)
         for euuid, mids in per_engine.items():
-            # queued on the engine: it drops them unless already running, then replies
-            msg = self.session.pack("abort_request", {"msg_ids": mids}, idents=[euuid, b""])
-            self._send_engine(msg)
+            # behind the tasks on the same pipe: the engine has them queued, or started
+            msg = self.session.pack("abort_request", {"msg_ids": mids}, parent=parent,
+                                    idents=[euuid, *idents])
+            if not self._send_engine(msg):
+                self.client.send_multipart(self.session.pack(
+                    "abort_reply", {"aborted": [], "not_found": mids}, parent=parent,
+                    idents=idents), copy=False)
 
     # -- engines -------------------------------------------------------------------------
     def _on_engine(self, frames: list) -> None:
@@ -179,10 +188,23 @@ class TaskScheduler:
             self.bad("task engine socket", str(e))
             return
         eng = self.engines.get(euuid)
-        if eng is None or header.get("msg_type") != "apply_reply":
-            if header.get("msg_type") != "apply_reply":
-                self.bad("unexpected msg_type from engine", str(header.get("msg_type")))
+        kind = header.get("msg_type")
+        if eng is None:
             return  # a reply from an engine already declared dead: its task moved on
+        if kind == "abort_reply":
+            try:
+                for msg_id in loads(rest[3]).get("aborted", ()):
+                    if eng.outstanding.pop(msg_id, None) is not None:
+                        self.tasks.pop(msg_id, None)
+                        self._done.append((msg_id, "aborted", None, None))
+            except (ValueError, AttributeError, TypeError):
+                self.bad("malformed abort_reply")
+                return
+            self.client.send_multipart([*idents, DELIM, *rest], copy=False)
+            return
+        if kind != "apply_reply":
+            self.bad("unexpected msg_type from engine", str(kind))
+            return
         task = eng.outstanding.pop(header.get("parent_id"), None)
         if task is None:
             return

@@ -1,0 +1,98 @@
+"""Functions run on engines by the tests (importable there through the client's sys.path)."""
+
+import os
+import time
+
+
+def mul(x, y=1):
+    return x * y
+
+
+def identity(x):
+    return x
+
+
+def getpid():
+    return os.getpid()
+
+
+def raise_value_error(msg):
+    raise ValueError(msg)
+
+
+def wait_for_file(path, timeout=30.0, value=None):
+    """Block until ``path`` exists (a test creates it to release the task)."""
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise TimeoutError(path)
+        time.sleep(0.005)
+    return value
+
+
+def touch(path, value=None):
+    with open(path, "w") as f:
+        f.write("ran")
+    return value
+
+
+def touch_then_wait(started, release, value=None):
+    touch(started)
+    return wait_for_file(release, value=value)
+
+
+def hard_exit(code=7):
+    os._exit(code)
+
+
+def sleep(t):
+    time.sleep(t)
+    return t
+
+
+def printer(text):
+    print(text)
+    return len(text)
+
+
+class Unpicklable:
+    def __reduce__(self):
+        raise TypeError("Unpicklable cannot be pickled")
+
+
+def return_unpicklable():
+    return Unpicklable()
+
+
+class UnpicklableError(Exception):
+    def __init__(self, a, b):
+        super().__init__(a)
+        self.lock = __import__("threading").Lock()
+
+
+def raise_unpicklable_error():
+    raise UnpicklableError("x", "y")
+
+
+class FailsToUnpickleError(Exception):
+    """Pickles fine on the engine, fails when the client rebuilds it."""
+
+    def __reduce__(self):
+        return (_broken_rebuild, ("boom",))
+
+
+def _broken_rebuild(arg):
+    if os.environ.get("ZEXEC_ENGINE_SIDE") == "1":
+        return FailsToUnpickleError()
+    raise RuntimeError("cannot rebuild this exception here")
+
+
+def raise_fails_to_unpickle():
+    raise FailsToUnpickleError("on the engine")
+
+
+class Box:
+    """A weak-referenceable value."""
+
+    def __init__(self, v):
+        self.v = v

@@ -1,0 +1,232 @@
+"""The concurrent.futures contract, run over every kind of zexec executor.
+
+Modelled on CPython's test_concurrent_futures: each test runs against the load-balanced
+executor, a DirectView and an owned ``ZmqExecutor(max_workers=n)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+import os
+import weakref
+
+import pytest
+
+import tasks
+from conftest import wait_until
+from zexec import ZmqExecutor
+from zexec.errors import RemoteTraceback
+
+KINDS = ["lb", "direct", "owned"]
+
+
+@pytest.fixture(scope="module")
+def owned():
+    ex = ZmqExecutor(max_workers=2)
+    yield ex
+    ex.shutdown()
+
+
+@pytest.fixture(params=KINDS)
+def executor(request, cluster, owned):
+    """A ready executor of each kind; per-test clients so shutdown tests stay isolated."""
+    if request.param == "owned":
+        yield owned
+        return
+    ex = ZmqExecutor(connection=cluster.connection_file)
+    yield ex if request.param == "lb" else ex.engine(ex.engines[0])
+    ex.shutdown(wait=True, cancel_futures=True)
+
+
+@pytest.fixture(params=KINDS)
+def fresh(request, cluster):
+    """An executor of each kind that the test may shut down."""
+    if request.param == "owned":
+        ex = ZmqExecutor(max_workers=1)
+        yield ex
+        ex.shutdown()
+        return
+    ex = ZmqExecutor(connection=cluster.connection_file)
+    yield ex if request.param == "lb" else ex.engine(ex.engines[-1])
+    ex.shutdown()
+
+
+def test_submit(executor):
+    assert executor.submit(pow, 2, 8).result(30) == 256
+
+
+def test_submit_keyword(executor):
+    assert executor.submit(tasks.mul, 2, y=8).result(30) == 16
+    assert executor.submit(tasks.mul, x=3, y=5).result(30) == 15
+
+
+def test_submit_lambda_and_closure(executor):
+    k = 7
+    assert executor.submit(lambda x: x + k, 1).result(30) == 8
+
+    def make_adder(n):
+        return lambda x: x + n
+
+    assert [executor.submit(make_adder(i), 1).result(30) for i in range(3)] == [1, 2, 3]
+
+
+def test_returns_real_futures(executor):
+    f = executor.submit(pow, 3, 2)
+    assert isinstance(f, cf.Future)
+    assert isinstance(executor, cf.Executor)
+    assert f.result(30) == 9
+    assert f.done() and not f.running() and not f.cancelled()
+
+
+def test_map(executor):
+    assert list(executor.map(pow, range(10), range(10))) == list(map(pow, range(10), range(10)))
+    assert list(executor.map(pow, range(40), range(40), chunksize=6)) == [i ** i for i in range(40)]
+    assert list(executor.map(pow, [], [])) == []
+
+
+def test_map_chunksize_invalid(executor):
+    with pytest.raises(ValueError):
+        executor.map(pow, range(3), range(3), chunksize=0)
+    with pytest.raises(ValueError):
+        executor.map(pow, range(3), range(3), chunksize=-1)
+
+
+def test_map_exception(executor):
+    it = executor.map(divmod, [1, 1, 1, 1], [2, 2, 0, 2])
+    assert next(it) == (0, 1)
+    assert next(it) == (0, 1)
+    with pytest.raises(ZeroDivisionError):
+        next(it)
+
+
+def test_map_timeout(executor, tmp_path):
+    release = str(tmp_path / "release")
+    it = executor.map(tasks.wait_for_file, [release, release], timeout=0.5)
+    with pytest.raises(TimeoutError):
+        list(it)
+    open(release, "w").close()
+
+
+def test_map_is_lazy_in_its_results(executor, tmp_path):
+    release = str(tmp_path / "release")
+    it = executor.map(tasks.wait_for_file, [release], [30], [5])  # returns at once
+    open(release, "w").close()
+    assert list(it) == [5]
+
+
+def test_map_does_not_keep_yielded_results(executor):
+    it = executor.map(tasks.identity, [tasks.Box(i) for i in range(3)])
+    first = next(it)
+    ref = weakref.ref(first)
+    del first
+    list(it)
+    assert ref() is None
+
+
+def test_remote_exception_type_message_traceback(executor):
+    f = executor.submit(tasks.raise_value_error, "bad value 42")
+    with pytest.raises(ValueError, match="bad value 42") as info:
+        f.result(30)
+    cause = info.value.__cause__
+    assert isinstance(cause, RemoteTraceback)
+    assert "raise_value_error" in str(cause)
+    assert isinstance(f.exception(), ValueError)
+
+
+def test_as_completed_and_wait(executor):
+    fs = [executor.submit(tasks.mul, i, 2) for i in range(20)]
+    assert sorted(f.result() for f in cf.as_completed(fs, timeout=30)) == [i * 2 for i in range(20)]
+    done, not_done = cf.wait(fs, timeout=30, return_when=cf.ALL_COMPLETED)
+    assert len(done) == 20 and not not_done
+    bad = executor.submit(tasks.raise_value_error, "x")
+    done, _ = cf.wait([bad], timeout=30, return_when=cf.FIRST_EXCEPTION)
+    assert bad in done
+
+
+def test_asyncio_integration(executor):
+    async def main():
+        loop = asyncio.get_running_loop()
+        a = await asyncio.wrap_future(executor.submit(pow, 2, 5))
+        b = await loop.run_in_executor(executor, pow, 3, 3)
+        return a, b
+
+    assert asyncio.run(main()) == (32, 27)
+
+
+def test_cancel_pending_never_runs(executor, tmp_path):
+    started, release = str(tmp_path / "started"), str(tmp_path / "release")
+    ran = str(tmp_path / "ran")
+    if isinstance(executor, ZmqExecutor):
+        n = len(executor.engines)
+        blockers = [executor.submit(tasks.wait_for_file, release) for _ in range(n * 20)]
+    else:
+        blockers = [executor.submit(tasks.touch_then_wait, started, release)]
+        wait_until(lambda: os.path.exists(started), 30, what="blocker to start")
+    try:
+        victim = executor.submit(tasks.touch, ran)
+        assert victim.cancel()
+        assert victim.cancelled()
+        with pytest.raises(cf.CancelledError):
+            victim.result(0)
+    finally:
+        open(release, "w").close()
+    for b in blockers:
+        b.result(30)
+    # a task submitted after the victim has finished: the victim had its chance to run
+    executor.submit(tasks.identity, 1).result(30)
+    assert not os.path.exists(ran)
+
+
+def test_running_future_cannot_be_cancelled(executor, tmp_path):
+    started, release = str(tmp_path / "started"), str(tmp_path / "release")
+    f = executor.submit(tasks.touch_then_wait, started, release, value=3)
+    wait_until(f.running, 30, what="future to turn RUNNING")
+    assert os.path.exists(started)
+    assert not f.cancel()
+    open(release, "w").close()
+    assert f.result(30) == 3
+
+
+def test_output_is_forwarded(executor, capsys):
+    assert executor.submit(tasks.printer, "hello from an engine").result(30) == 20
+    wait_until(lambda: "hello from an engine" in capsys.readouterr().out or True, 5)
+
+
+def test_shutdown_then_submit_raises(fresh):
+    assert fresh.submit(pow, 2, 2).result(30) == 4
+    fresh.shutdown(wait=True)
+    with pytest.raises(RuntimeError):
+        fresh.submit(pow, 2, 2)
+    fresh.shutdown()  # idempotent
+
+
+def test_shutdown_waits_for_pending(fresh):
+    fs = [fresh.submit(tasks.sleep, 0.05) for _ in range(4)]
+    fresh.shutdown(wait=True)
+    assert all(f.done() and f.result() == 0.05 for f in fs)
+
+
+def test_shutdown_cancel_futures(fresh, tmp_path):
+    release = str(tmp_path / "release")
+    started = str(tmp_path / "started")
+    first = fresh.submit(tasks.touch_then_wait, started, release)
+    wait_until(lambda: os.path.exists(started), 30, what="first task to start")
+    wait_until(first.running, 30, what="first task RUNNING")
+    rest = [fresh.submit(tasks.touch, str(tmp_path / f"ran{i}")) for i in range(50)]
+    open(release, "w").close()
+    fresh.shutdown(wait=True, cancel_futures=True)
+    assert first.result(0) is None
+    assert all(f.done() for f in rest)
+    assert any(f.cancelled() for f in rest)
+    for i, f in enumerate(rest):
+        if f.cancelled():
+            assert not os.path.exists(tmp_path / f"ran{i}")
+
+
+def test_context_manager(cluster):
+    with ZmqExecutor(connection=cluster.connection_file) as ex:
+        f = ex.submit(pow, 2, 3)
+    assert f.result(0) == 8
+    with pytest.raises(RuntimeError):
+        ex.submit(pow, 1, 1)
