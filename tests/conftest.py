@@ -29,14 +29,19 @@ def _children() -> list:
             and p.status() != psutil.STATUS_ZOMBIE]
 
 
-def assert_no_children(timeout: float = 10.0) -> None:
+def assert_no_children(timeout: float = 10.0, keep: frozenset = frozenset()) -> None:
+    """Every child process (but those in ``keep``) must exit within ``timeout``."""
+    def left():
+        return [p for p in _children() if p.pid not in keep]
+
     try:
-        wait_until(lambda: not _children(), timeout, what="child processes to exit")
+        wait_until(lambda: not left(), timeout, what="child processes to exit")
     except AssertionError:
-        left = [(p.pid, " ".join(p.cmdline())) for p in _children()]
-        for p in _children():
+        procs = left()
+        names = [(p.pid, " ".join(p.cmdline())) for p in procs]
+        for p in procs:
             p.kill()
-        raise AssertionError(f"processes left behind: {left}")
+        raise AssertionError(f"processes left behind: {names}")
 
 
 def _zexec_threads() -> list:
@@ -48,8 +53,9 @@ def _zexec_threads() -> list:
 def no_leaks():
     """For tests that start and stop their own cluster: nothing may survive them."""
     before = {t.ident for t in _zexec_threads()}
+    keep = frozenset(p.pid for p in _children())  # a module's shared cluster stays
     yield
-    assert_no_children()
+    assert_no_children(keep=keep)
     wait_until(lambda: not [t for t in _zexec_threads() if t.ident not in before], 10,
                what="zexec threads to exit")
 

@@ -1,0 +1,198 @@
+"""The crash matrix and engine failures, on real clusters."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+import tasks
+from conftest import wait_until
+from zexec import EngineDiedError, LocalCluster, RemoteError, ZmqExecutor
+
+
+def test_unpicklable_argument_fails_that_future_only(cluster):
+    ex = cluster.ex
+    f = ex.submit(tasks.identity, tasks.Unpicklable())
+    with pytest.raises(TypeError, match="cannot be pickled"):
+        f.result(30)
+    assert ex.submit(tasks.mul, 3, 3).result(30) == 9
+
+
+def test_unpicklable_result(cluster):
+    ex = cluster.ex
+    with pytest.raises(TypeError, match="cannot be pickled"):
+        ex.submit(tasks.return_unpicklable).result(30)
+    assert ex.submit(tasks.mul, 2, 3).result(30) == 6
+
+
+def test_unpicklable_exception_becomes_remote_error(cluster):
+    with pytest.raises(RemoteError, match="UnpicklableError") as info:
+        cluster.ex.submit(tasks.raise_unpicklable_error).result(30)
+    assert "raise_unpicklable_error" in info.value.traceback
+    assert info.value.ename == "UnpicklableError"
+
+
+def test_exception_failing_to_unpickle_on_client(cluster):
+    with pytest.raises(RemoteError, match="FailsToUnpickleError") as info:
+        cluster.ex.submit(tasks.raise_fails_to_unpickle).result(30)
+    assert "raise_fails_to_unpickle" in info.value.traceback
+    assert cluster.ex.submit(tasks.mul, 1, 5).result(30) == 5
+
+
+@pytest.mark.parametrize("kind", ["lb", "direct"])
+def test_os_exit_in_task_fails_with_engine_died(cluster, kind):
+    ex = cluster.ex
+    target = ex.engine(ex.engines[0]) if kind == "direct" else ex
+    t0 = time.monotonic()
+    f = target.submit(tasks.hard_exit, 7)
+    with pytest.raises(EngineDiedError) as info:
+        f.result(30)
+    elapsed = time.monotonic() - t0
+    err = info.value
+    assert err.exitcode == 7, str(err)
+    assert err.log and "engine-" in err.log
+    assert f"engine {err.engine_id} died" in str(err)
+    assert elapsed < 5, elapsed
+    # the cluster keeps serving, and LocalCluster replaces the engine (new id)
+    assert ex.submit(tasks.mul, 2, 2).result(30) == 4
+    wait_until(lambda: len(ex.engines) == cluster.n, 30, what="replacement engine")
+    assert err.engine_id not in ex.engines
+    if kind == "direct":
+        with pytest.raises(EngineDiedError):
+            ex.engine(err.engine_id).submit(tasks.mul, 1, 1)
+
+
+def _engine_pids(ex):
+    return {e: ex.client.engine_info(e)["pid"] for e in ex.engines}
+
+
+@pytest.mark.parametrize("retries", [0, 1])
+def test_sigkill_busy_engine(no_leaks, tmp_path, retries):
+    with LocalCluster(2, retries=retries, heartbeat_period=0.2, heartbeat_misses=5) as ex:
+        started, release = str(tmp_path / "s"), str(tmp_path / "r")
+        victim = ex.engine(ex.engines[0]).submit(tasks.getpid).result(30)
+        # one long task on each engine, through the load balancer
+        fs = [ex.submit(tasks.touch_then_wait, started + str(i), release, value=i) for i in range(2)]
+        wait_until(lambda: all(os.path.exists(started + str(i)) for i in range(2)), 30, what="tasks to start")
+        wait_until(lambda: all(f.running() for f in fs), 30, what="RUNNING")
+        t0 = time.monotonic()
+        os.kill(victim, signal.SIGKILL)
+        if retries:
+            open(release, "w").close()
+            assert sorted(f.result(30) for f in fs) == [0, 1]
+        else:
+            done, _ = cf.wait(fs, timeout=30, return_when=cf.FIRST_EXCEPTION)
+            detect = time.monotonic() - t0
+            dead = [f for f in done if f.exception() is not None]
+            assert len(dead) == 1 and isinstance(dead[0].exception(), EngineDiedError)
+            assert dead[0].exception().exitcode == -signal.SIGKILL
+            assert detect < 1.5, detect
+            open(release, "w").close()
+            assert [f.result(30) for f in fs if f not in dead]
+        assert ex.submit(tasks.mul, 4, 4).result(30) == 16
+
+
+def test_sigstop_engine_declared_dead_by_heartbeat(no_leaks, tmp_path):
+    with LocalCluster(2, heartbeat_period=0.2, heartbeat_misses=5) as ex:
+        eid = ex.engines[0]
+        pid = ex.engine(eid).submit(tasks.getpid).result(30)
+        release = str(tmp_path / "r")
+        f = ex.engine(eid).submit(tasks.wait_for_file, release)
+        wait_until(f.running, 30, what="RUNNING")
+        t0 = time.monotonic()
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(EngineDiedError) as info:
+                f.result(30)
+            detect = time.monotonic() - t0
+            assert detect < 0.2 * 5 + 1.5, detect
+            assert "heartbeat" in str(info.value)
+            wait_until(lambda: eid not in ex.engines, 10, what="engine dropped from ex.engines")
+            wait_until(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE,
+                       10, what="the stopped engine to be killed")
+        finally:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        assert ex.submit(tasks.mul, 5, 5).result(30) == 25
+
+
+def test_owned_executor_max_tasks_per_child(no_leaks):
+    with ZmqExecutor(max_workers=2, max_tasks_per_child=3) as ex:
+        pids = [ex.submit(tasks.getpid).result(30) for _ in range(12)]
+        assert all(isinstance(p, int) for p in pids)
+        assert len(set(pids)) >= 4  # engines were recycled, no task lost
+
+
+def test_initializer(no_leaks, tmp_path):
+    marker = str(tmp_path / "init")
+    with ZmqExecutor(max_workers=2, initializer=tasks.touch, initargs=(marker,)) as ex:
+        assert ex.submit(os.path.exists, marker).result(30)
+
+
+def test_hub_killed_fails_pending_futures(no_leaks, tmp_path):
+    from zexec.errors import ClusterLostError
+
+    cluster = LocalCluster(1)
+    ex = cluster.__enter__()
+    try:
+        release = str(tmp_path / "r")
+        f = ex.submit(tasks.wait_for_file, release)
+        wait_until(f.running, 30, what="RUNNING")
+        ctl = psutil.Process(cluster.procs["controller"].pid)
+        hub = ctl.children()[0]  # forked first
+        t0 = time.monotonic()
+        hub.kill()
+        with pytest.raises(cf.BrokenExecutor):
+            f.result(30)
+        assert time.monotonic() - t0 < 10
+        with pytest.raises(ClusterLostError):
+            ex.submit(tasks.mul, 1, 1)
+    finally:
+        open(tmp_path / "r", "w").close()
+        cluster.__exit__(None, None, None)
+
+
+def test_client_sigkilled_leaves_nothing(no_leaks, tmp_path):
+    script = tmp_path / "client.py"
+    script.write_text(
+        "import os, sys, zexec\n"
+        "c = zexec.LocalCluster(2)\n"
+        "ex = c.__enter__()\n"
+        "print(os.getpid(), flush=True)\n"
+        "sys.stdin.read()\n")
+    p = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         text=True)
+    try:
+        p.stdout.readline()
+        tree = psutil.Process(p.pid).children(recursive=True)
+        assert len(tree) >= 2 + 6 + 2
+        t0 = time.monotonic()
+        p.kill()
+        p.wait(10)
+        gone, alive = psutil.wait_procs(tree, timeout=15)
+        assert not alive, [(q.pid, q.cmdline()) for q in alive]
+        assert time.monotonic() - t0 < 15
+    finally:
+        if p.poll() is None:
+            p.kill()
+        p.wait()
+
+
+def test_connection_file_is_private_and_cluster_exits_clean(no_leaks):
+    c = LocalCluster(1)
+    with pytest.raises(ZeroDivisionError):
+        with c as ex:
+            mode = os.stat(c.connection_file).st_mode & 0o777
+            assert mode == 0o600
+            ex.submit(divmod, 1, 0).result(30)
+    assert not c.procs
