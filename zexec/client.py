@@ -149,7 +149,7 @@ class Client:
         self.registrar = self._socket(zmq.DEALER)
         self.registrar.connect(info.url("registration"))
         self.notif = self._socket(zmq.SUB)
-        for topic in (b"registration", b"unregistration", b"hub_beat"):
+        for topic in (b"registration", b"unregistration", b"hub_beat", b"lost_message"):
             self.notif.subscribe(topic)
         self.notif.connect(info.url("notification"))
         req = self.session.pack("connection_request", {})
@@ -484,6 +484,12 @@ class Client:
             self._engine_gone(c)
         elif kind == "hub_beat":
             self._sync_engines(c.get("engines", {}))
+        elif kind == "lost_message":
+            entry = self._futures.pop(c.get("msg_id"), None)
+            if entry is not None:
+                _fail(entry[0], ZexecError(
+                    f"the request or reply of this task was lost: a malformed message sent to "
+                    f"the {c.get('device')} device by another peer was merged with it"))
 
     def _sync_engines(self, live: dict) -> None:
         for info in live.values():

@@ -29,6 +29,9 @@ log = logging.getLogger("zexec.engineset")
 #: engines that die this young this many times in a row stop the replacing
 CRASH_LOOP_AGE = 2.0
 CRASH_LOOP_COUNT = 5
+#: with no hub_beat for this long (before the first / after one), the engines stop
+HUB_FIRST = 30.0
+HUB_LOST = 10.0
 
 
 class EngineSet:
@@ -123,13 +126,20 @@ class EngineSet:
         notif = ctx.socket(zmq.SUB)
         notif.linger = 0
         notif.subscribe(b"unregistration")
+        notif.subscribe(b"hub_beat")
         notif.connect(self.info.url("notification"))
         poller = zmq.Poller()
         poller.register(rfd, zmq.POLLIN)
         poller.register(notif, zmq.POLLIN)
         log.info("engine set %s: %d engines%s", self.id, self.n, " (replacing)" if self.replace else "")
+        self.last_beat = time.monotonic()
+        self.heard_hub = False
         try:
             while not stop["flag"]:
+                silent = time.monotonic() - self.last_beat
+                if silent > (HUB_LOST if self.heard_hub else HUB_FIRST):
+                    log.error("no word from the hub for %.0fs: stopping the engines", silent)
+                    break
                 ready = dict(poller.poll(1000))
                 if rfd in ready:
                     try:
@@ -178,6 +188,8 @@ class EngineSet:
             msg = self.session.unpack(frames)
         except ProtocolError:
             return
+        self.last_beat = time.monotonic()
+        self.heard_hub = True
         c = msg.content
         pid = c.get("pid")
         if (msg.header["msg_type"] == "unregistration" and c.get("launcher") == self.id

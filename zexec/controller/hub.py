@@ -273,7 +273,15 @@ class Hub:
             self.bad("monitor", str(e))
             return
         kind = header.get("msg_type")
-        if prefix == b"mux_in" and kind == "apply_request" and len(idents) >= 2:
+        if len(idents) != 2:
+            # the C device glued a message onto a malformed one (fewer than 3 frames)
+            # and routed both to nowhere: tell the owner of the lost message
+            lost = header.get("msg_id") if prefix.endswith(b"_in") else header.get("parent_id")
+            self.bad("malformed message on a device", f"{prefix.decode()} lost {lost}")
+            if isinstance(lost, str):
+                self._publish("lost_message", {"msg_id": lost, "device": prefix.decode()})
+            return
+        if prefix == b"mux_in" and kind == "apply_request":
             eng = self.engines.get(idents[1].bytes.decode(errors="replace"))
             self._record(header.get("msg_id"), eng["id"] if eng else None, header.get("date"))
         elif prefix == b"mux_out" and kind == "apply_reply":
