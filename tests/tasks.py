@@ -101,3 +101,12 @@ class Box:
 def append_line(path):
     with open(path, "a") as f:
         f.write("ran\n")
+
+
+def spin(seconds):
+    """Pure-Python CPU work for ``seconds`` (holds the GIL in bytecode, not C)."""
+    end = time.perf_counter() + seconds
+    n = 0
+    while time.perf_counter() < end:
+        n += 1
+    return n

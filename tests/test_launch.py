@@ -71,9 +71,10 @@ def engine_report(ex: ZmqExecutor) -> dict[int, dict]:
 
 # -- leak check and controller ----------------------------------------------------------------
 @pytest.fixture
-def no_leaks(monkeypatch):
-    """Tag every process started here (through the environment); after the test, wait
-    (bounded) until none runs: neither our children nor orphans of them."""
+def no_leaks(no_leaks, monkeypatch):
+    """conftest's check (no child process, no zexec thread left), and more: every process
+    started here is tagged through its environment, and after the test none may run,
+    orphans (reparented away from us) included."""
     token = uuid.uuid4().hex
     monkeypatch.setenv(TOKEN_VAR, token)
     me = psutil.Process()

@@ -20,9 +20,14 @@ def _controller(args) -> int:
         if args.port_range:
             a, b = args.port_range.split("-")
             rng = (int(a), int(b))
+        location = args.location
+        if location is None and args.ip in ("0.0.0.0", "*"):
+            import socket
+
+            location = socket.gethostbyname(socket.gethostname())
         info = ConnectionInfo(key=new_key(), transport="tcp", ip=args.ip,
                               heartbeat_period=args.heartbeat_period,
-                              heartbeat_misses=args.heartbeat_misses)
+                              heartbeat_misses=args.heartbeat_misses, location=location)
         info = allocate(info, port_range=rng)
         info.write(args.connection_file)
     path = os.path.abspath(args.connection_file)
@@ -100,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
 
     c = sub.add_parser("controller", help="start the hub, schedulers and heartbeat; write the connection file")
     c.add_argument("--ip", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for all)")
+    c.add_argument("--location", default=None,
+                   help="address engines and clients connect to, when --ip is 0.0.0.0 (default: this host's address)")
     c.add_argument("--port-range", help="ports to use, e.g. 20000-20100 (default: any free)")
     c.add_argument("--connection-file", default="zexec-cluster.json", help="where to write the connection file")
     c.add_argument("--heartbeat-period", type=float, default=0.5, help="seconds between pings (default 0.5)")

@@ -287,12 +287,15 @@ class Client:
                 check()
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{len(self._engines)} of {n} engines registered within {timeout:.0f}s")
-            # the notification may have been published before our subscription took
+            # the notification may have been published before our subscription took.
+            # A snapshot may be older than notifications already handled: only add from
+            # it, never remove (removals come in order on the notification socket)
             try:
                 reply = self.request("connection_request", timeout=max(0.5, deadline - time.monotonic()))
             except TimeoutError:
                 continue
-            self._sync_engines(reply.get("engines", {}))
+            for info in reply.get("engines", {}).values():
+                self._add_engine(info)
 
     def close(self) -> None:
         """Stop the IO thread and fail whatever is still pending (nothing hangs)."""
@@ -372,6 +375,8 @@ class Client:
                     else:
                         self._abort_waits[f.msg_id] = verdict
                         aborts.setdefault(entry[1], []).append(f.msg_id)
+            elif kind == "raw_control":
+                self.control.send_multipart(frames)
             elif kind == "request":
                 hdr_id = loads(frames[2])["msg_id"]
                 self._requests[hdr_id] = fut

@@ -32,6 +32,8 @@ class ConnectionInfo:
     heartbeat_period: float = 0.5
     heartbeat_misses: int = 6
     curve: dict | None = None
+    #: the address clients and engines connect to, when ``ip`` is a wildcard
+    location: str | None = None
 
     @property
     def key_bytes(self) -> bytes:
@@ -44,7 +46,7 @@ class ConnectionInfo:
             return f"ipc://{where}"
         ip = host or self.ip
         if ip in ("0.0.0.0", "*", ""):
-            ip = "127.0.0.1"
+            ip = self.location or "127.0.0.1"
         if ":" in ip and not ip.startswith("["):
             ip = f"[{ip}]"
         return f"{self.transport}://{ip}:{where}"
