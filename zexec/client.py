@@ -42,7 +42,9 @@ from .protocol import RateLimitedLog, Session, loads, split_idents
 log = logging.getLogger("zexec.client")
 
 #: a client that hears nothing from the hub for this long declares the cluster lost
-HUB_TIMEOUT = 5.0
+HUB_TIMEOUT = 4.0
+#: then a direct query to the registrar must be answered within this long
+PROBE_TIMEOUT = 4.0
 FN_CACHE_SIZE = 128
 
 _clients: "weakref.WeakSet[Client]" = weakref.WeakSet()
@@ -118,6 +120,7 @@ class Client:
         self._outbox: collections.deque = collections.deque()
         self._requests: dict[str, Future] = {}
         self._abort_waits: dict[str, _Verdicts] = {}
+        self._draining: dict[int, tuple] = {}
         self._engines: dict[int, dict] = {}
         self._dead: dict[int, dict] = {}
         self._cond = threading.Condition()
@@ -139,6 +142,7 @@ class Client:
         for info_ in reply["engines"].values():
             self._engines[info_["id"]] = info_
         self._last_beat = time.monotonic()
+        self._probe: tuple | None = None
         self._thread = threading.Thread(target=self._io_loop, name="zexec-client-io", daemon=True)
         self._thread.start()
         _clients.add(self)
@@ -319,7 +323,7 @@ class Client:
         poller.register(self._wake_r, zmq.POLLIN)
         try:
             while not self._closing:
-                ready = poller.poll(500)
+                ready = poller.poll(0 if self._outbox else 500)
                 self._wake_pending = False
                 try:
                     while os.read(self._wake_r, 4096):
@@ -337,9 +341,13 @@ class Client:
                             break
                         h(s.recv_multipart(copy=False))
                 if self._broken is None and time.monotonic() - self._last_beat > HUB_TIMEOUT:
-                    self._break(ClusterLostError(
-                        f"lost contact with the controller at {self.info.url('registration')}: "
-                        f"no word from its hub for {HUB_TIMEOUT:.0f}s"))
+                    self._probe_hub()
+                if self._draining:
+                    now = time.monotonic()
+                    for eid, (deadline, info) in list(self._draining.items()):
+                        if now > deadline or not any(t == eid for _, t in self._futures.values()):
+                            del self._draining[eid]
+                            self._fail_engine_tasks(eid, info)
         except Exception as e:  # noqa: BLE001 - never leave futures hanging on a bug here
             log.exception("client IO thread failed")
             self._break(ClusterLostError(f"zexec client IO thread failed: {e!r}"))
@@ -349,10 +357,35 @@ class Client:
             os.close(self._wake_r)
             os.close(self._wake_w)
 
-    def _flush(self) -> None:
+    def _probe_hub(self) -> None:
+        """No hub_beat for HUB_TIMEOUT: ask the registrar directly before giving up.
+
+        A busy machine can delay beats; a dead hub answers nothing.  The cluster is
+        declared lost only when the probe, too, stays unanswered for PROBE_TIMEOUT.
+        """
+        now = time.monotonic()
+        if self._probe is None:
+            fut: Future = Future()
+            frames = self.session.pack("connection_request", {})
+            self._requests[loads(frames[2])["msg_id"]] = fut
+            self.registrar.send_multipart(frames)
+            self._probe = (fut, now)
+            return
+        fut, sent = self._probe
+        if fut.done():
+            self._probe = None
+            self._last_beat = now
+        elif now - sent > PROBE_TIMEOUT:
+            self._break(ClusterLostError(
+                f"lost contact with the controller at {self.info.url('registration')}: no word "
+                f"from its hub for {HUB_TIMEOUT + PROBE_TIMEOUT:.0f}s"))
+
+    def _flush(self, limit: int = 2000) -> None:
         outbox = self._outbox
         aborts: dict[int | None, list] = {}
-        while outbox:
+        # bounded: a user thread submitting as fast as we send must not starve replies
+        while outbox and limit > 0:
+            limit -= 1
             kind, target, msg_id, fut, frames = outbox.popleft()
             if kind == "apply":
                 if self._broken is not None:
@@ -481,6 +514,7 @@ class Client:
             self._bad("notification", str(e))
             return
         self._last_beat = time.monotonic()
+        self._probe = None
         kind = msg.header["msg_type"]
         c = msg.content
         if kind == "registration":
@@ -517,6 +551,13 @@ class Client:
             self._engines.pop(eid, None)
             self._dead[eid] = info
             self._cond.notify_all()
+        if info.get("exitcode") == 0 and not info.get("fatal"):
+            # a clean exit (recycled): its last replies may still be on the way
+            self._draining[eid] = (time.monotonic() + 5.0, info)
+            return
+        self._fail_engine_tasks(eid, info)
+
+    def _fail_engine_tasks(self, eid: int, info: dict) -> None:
         exc = EngineDiedError.from_info(info)
         for msg_id, (fut, target) in list(self._futures.items()):
             if target == eid:

@@ -6,7 +6,7 @@
     task DEALER       <-> task scheduler   apply/abort requests in, replies out
     mux DEALER        <-> MUX device       engine-targeted apply/abort requests in, replies out
     control DEALER    <-> control device   shutdown
-    iopub PUB         --> IOPub device     "status" (task started) and "stream" output
+    iopub PUB         --> IOPub device     "status" (task started, for tasks past 10 ms) and "stream" output
     heart thread: C proxy, SUB (ping) -> DEALER (pong), answering while a task holds the GIL;
                   its capture feeds a watchdog that exits the engine if the pings stop.
 
@@ -77,6 +77,7 @@ class Engine:
         self.tasks_done = 0
         self.stopping = False
         self.running_since: float | None = None
+        self.current: tuple | None = None
         self.sock_lock = threading.Lock()
         self.bad = RateLimitedLog(log)
 
@@ -235,6 +236,13 @@ class Engine:
             if t is None or time.monotonic() - t < WATCH_AFTER:
                 continue
             with self.sock_lock:
+                if self.running_since == t and self.current is not None:
+                    # the task's start is reported only now: a task that ends sooner
+                    # goes from PENDING to FINISHED, saving a message per short task
+                    topic, msg_id = self.current
+                    self.iopub.send_multipart(self.session.pack(
+                        "status", {"state": "started", "msg_id": msg_id, "engine": self.id},
+                        idents=[topic]))
                 while self.running_since == t and not self.stopping:
                     self._poll_once(poller, 5)
 
@@ -325,8 +333,7 @@ class Engine:
     def _run_task(self, sock, idents, rest, header) -> None:
         topic = str(header.get("session", "")).encode()
         msg_id = header["msg_id"]
-        self.iopub.send_multipart(self.session.pack(
-            "status", {"state": "started", "msg_id": msg_id, "engine": self.id}, idents=[topic]))
+        self.current = (topic, msg_id)
         out, err = sys.stdout, sys.stderr
         cap_out, cap_err = _Capture("stdout", out), _Capture("stderr", err)
         sys.stdout, sys.stderr = cap_out, cap_err

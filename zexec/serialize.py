@@ -25,8 +25,20 @@ OOB_THRESHOLD = 64 * 1024
 PROTOCOL = 5
 
 
+try:
+    from cloudpickle.cloudpickle import _PICKLE_BY_VALUE_MODULES as _BY_VALUE
+except ImportError:  # pragma: no cover - older cloudpickle
+    _BY_VALUE = {"?"}
+
+
 def dumps(obj: Any) -> list:
-    """Pickle ``obj`` to frames: [stream, *out-of-band buffers]."""
+    """Pickle ``obj`` to frames: [stream, *out-of-band buffers].
+
+    The C pickler first (plain data: ~10x faster than cloudpickle's reducer hook);
+    cloudpickle when that fails (lambdas, closures, local classes) or when the stream
+    names ``__main__``, whose functions an engine cannot import and which cloudpickle
+    therefore sends by value.
+    """
     bufs: list = []
 
     def callback(pb: pickle.PickleBuffer) -> bool:
@@ -36,6 +48,14 @@ def dumps(obj: Any) -> list:
         bufs.append(raw)
         return False
 
+    if not _BY_VALUE:
+        try:
+            stream = pickle.dumps(obj, protocol=PROTOCOL, buffer_callback=callback)
+            if b"__main__" not in stream:
+                return [stream, *bufs]
+        except Exception:  # noqa: BLE001 - cloudpickle below handles it or raises the real error
+            pass
+        bufs.clear()
     stream = cloudpickle.dumps(obj, protocol=PROTOCOL, buffer_callback=callback)
     return [stream, *bufs]
 

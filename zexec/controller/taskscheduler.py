@@ -29,6 +29,9 @@ from . import policy
 
 log = logging.getLogger("zexec.taskscheduler")
 
+#: how long an engine that exited cleanly has to deliver its last replies
+DRAIN_TIMEOUT = 5.0
+
 
 class _Task:
     __slots__ = ("msg_id", "idents", "rest", "retries", "engine", "aborted", "sent", "parent")
@@ -62,6 +65,7 @@ class TaskScheduler:
         self.session = Session(info.key_bytes)
         self.fixed_hwm = hwm
         self.engines: dict[bytes, _Engine] = {}
+        self.draining: dict[bytes, tuple] = {}
         self.order: list[bytes] = []
         self.dead: set[bytes] = set()
         self.queue: collections.deque[_Task] = collections.deque()
@@ -103,11 +107,15 @@ class TaskScheduler:
         log.info("task scheduler up")
         try:
             while True:
-                ready = dict(poller.poll(1000))
-                if self.notif in ready:
-                    self._drain(self.notif, self._on_notification)
+                ready = dict(poller.poll(1000 if not self.draining else 100))
+                # replies before notifications: an engine's last reply and the news
+                # of its exit often arrive together
                 if self.engine_sock in ready:
                     self._drain(self.engine_sock, self._on_engine)
+                if self.notif in ready:
+                    self._drain(self.notif, self._on_notification)
+                if self.draining:
+                    self._check_draining()
                 if self.client in ready:
                     self._drain(self.client, self._on_client)
                 self._dispatch()
@@ -187,7 +195,7 @@ class TaskScheduler:
         except (ProtocolError, ValueError, IndexError, UnicodeDecodeError) as e:
             self.bad("task engine socket", str(e))
             return
-        eng = self.engines.get(euuid)
+        eng = self.engines.get(euuid) or self.draining.get(euuid, (None,))[0]
         kind = header.get("msg_type")
         if eng is None:
             return  # a reply from an engine already declared dead: its task moved on
@@ -316,6 +324,20 @@ class TaskScheduler:
         self._remove_from_routing(euuid)
         if eng is None:
             return
+        if info.get("exitcode") == 0 and eng.outstanding:
+            # a clean exit (recycled, shut down): its last replies are still on the way
+            self.draining[euuid] = (eng, time.monotonic() + DRAIN_TIMEOUT, info)
+            return
+        self._fail_or_retry(eng, info)
+
+    def _check_draining(self) -> None:
+        now = time.monotonic()
+        for euuid, (eng, deadline, info) in list(self.draining.items()):
+            if not eng.outstanding or now > deadline:
+                del self.draining[euuid]
+                self._fail_or_retry(eng, info)
+
+    def _fail_or_retry(self, eng: _Engine, info: dict) -> None:
         retried, failed = 0, 0
         for task in reversed(list(eng.outstanding.values())):
             if task.rest is not None and task.retries > 0:
