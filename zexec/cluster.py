@@ -142,14 +142,17 @@ class LocalCluster:
     def stop(self, timeout: float = 5.0) -> None:
         """Stop every process of the cluster (TERM, then KILL) and remove its files."""
         procs, self.procs = self.procs, {}
-        for p in procs.values():
+        deadline = time.monotonic() + timeout
+        # engines first: stopped while their hub still answers, they exit at once
+        for name in ("engines", "controller"):
+            p = procs.get(name)
+            if p is None:
+                continue
             if p.poll() is None:
                 try:
                     p.send_signal(signal.SIGTERM)
                 except ProcessLookupError:
                     pass
-        deadline = time.monotonic() + timeout
-        for p in procs.values():
             try:
                 p.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:

@@ -156,7 +156,7 @@ class EngineSet:
         finally:
             self._kill_all()
             self._reap(hub, {"flag": True})
-            ctx.destroy(linger=500)
+            ctx.destroy(linger=0)  # stopping: exit reports to a hub going away can wait no more
         return 0
 
     def _reap(self, hub: zmq.Socket, stop: dict) -> None:
