@@ -10,7 +10,7 @@ import time
 
 
 def _controller(args) -> int:
-    from .connection import ConnectionInfo, allocate, new_key
+    from .connection import ConnectionInfo, allocate, new_curve_keys, new_key
     from .controller import supervisor
 
     if args.reuse:
@@ -27,7 +27,8 @@ def _controller(args) -> int:
             location = socket.gethostbyname(socket.gethostname())
         info = ConnectionInfo(key=new_key(), transport="tcp", ip=args.ip,
                               heartbeat_period=args.heartbeat_period,
-                              heartbeat_misses=args.heartbeat_misses, location=location)
+                              heartbeat_misses=args.heartbeat_misses, location=location,
+                              curve=new_curve_keys() if args.curve else None)
         info = allocate(info, port_range=rng)
         info.write(args.connection_file)
     path = os.path.abspath(args.connection_file)
@@ -112,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--heartbeat-period", type=float, default=0.5, help="seconds between pings (default 0.5)")
     c.add_argument("--heartbeat-misses", type=int, default=6,
                    help="missed pings before an engine is declared dead (default 6)")
+    c.add_argument("--curve", action="store_true",
+                   help="encrypt all traffic with CurveZMQ (keys generated now, kept in the connection file)")
     c.add_argument("--hwm", type=int, default=None, help="fixed bound on tasks outstanding per engine (default adaptive)")
     c.add_argument("--reuse", action="store_true", help="use the connection file as it is (key and addresses)")
     c.add_argument("--parent-pid", type=int, default=0, help=argparse.SUPPRESS)

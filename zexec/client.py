@@ -35,7 +35,7 @@ from typing import Any, Callable
 import zmq
 
 from . import serialize
-from .connection import ConnectionInfo
+from .connection import ConnectionInfo, secure
 from .errors import ClusterLostError, EngineDiedError, ProtocolError, ZexecError
 from .protocol import RateLimitedLog, Session, loads, split_idents
 
@@ -180,6 +180,7 @@ class Client:
 
     def _socket(self, kind: int) -> zmq.Socket:
         s = self.ctx.socket(kind)
+        secure(s, self.info, server=False)
         s.linger = 0
         s.sndhwm = s.rcvhwm = 0
         return s

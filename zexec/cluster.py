@@ -19,7 +19,7 @@ import time
 from typing import Any, Callable
 
 from . import executor as _executor
-from .connection import ConnectionInfo, allocate, new_key
+from .connection import ConnectionInfo, allocate, new_curve_keys, new_key
 from .errors import ClusterStartError
 from .executor import ZmqExecutor
 from .protocol import Signer
@@ -47,7 +47,7 @@ class LocalCluster:
                  replace: bool = True, retries: int = 0, initializer: Callable | None = None,
                  initargs: tuple = (), max_tasks_per_child: int | None = None,
                  startup_timeout: float = 60.0, hwm: int | None = None,
-                 forward_output: bool = True) -> None:
+                 forward_output: bool = True, curve: bool = False) -> None:
         self.n = n or os.cpu_count() or 1
         self.transport = transport or ("ipc" if os.name == "posix" else "tcp")
         self.ip = ip
@@ -61,6 +61,7 @@ class LocalCluster:
         self.startup_timeout = startup_timeout
         self.hwm = hwm
         self.forward_output = forward_output
+        self.curve = curve
         self.dir: str | None = None
         self.connection_file: str | None = None
         self.procs: dict[str, subprocess.Popen] = {}
@@ -74,7 +75,8 @@ class LocalCluster:
         self.dir = tempfile.mkdtemp(prefix="zexec-")
         info = ConnectionInfo(key=new_key(), transport=self.transport, ip=self.ip,
                               heartbeat_period=self.heartbeat_period,
-                              heartbeat_misses=self.heartbeat_misses)
+                              heartbeat_misses=self.heartbeat_misses,
+                              curve=new_curve_keys() if self.curve else None)
         info = allocate(info, ipc_dir=self.dir)
         self.connection_file = info.write(os.path.join(self.dir, "cluster.json"))
         env = dict(os.environ)

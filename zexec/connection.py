@@ -88,6 +88,32 @@ class ConnectionInfo:
         return replace(self, **changes)
 
 
+def new_curve_keys() -> dict:
+    """A CurveZMQ key pair for the controller and one shared by its engines and clients."""
+    import zmq
+
+    server_public, server_secret = zmq.curve_keypair()
+    client_public, client_secret = zmq.curve_keypair()
+    return {"server_public": server_public.decode(), "server_secret": server_secret.decode(),
+            "client_public": client_public.decode(), "client_secret": client_secret.decode()}
+
+
+def secure(sock, info: ConnectionInfo, server: bool) -> None:
+    """Turn on CurveZMQ for ``sock`` when the cluster has keys: encrypted, and only
+    peers holding the cluster's server public key can complete a handshake."""
+    keys = info.curve
+    if not keys:
+        return
+    if server:
+        sock.curve_secretkey = keys["server_secret"].encode()
+        sock.curve_publickey = keys["server_public"].encode()
+        sock.curve_server = True
+    else:
+        sock.curve_serverkey = keys["server_public"].encode()
+        sock.curve_publickey = keys["client_public"].encode()
+        sock.curve_secretkey = keys["client_secret"].encode()
+
+
 def new_key() -> str:
     return secrets.token_hex(32)
 

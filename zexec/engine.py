@@ -31,7 +31,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from . import serialize
-from .connection import ConnectionInfo
+from .connection import ConnectionInfo, secure
 from .errors import ProtocolError
 from .protocol import RateLimitedLog, Session, loads, split_idents
 
@@ -84,6 +84,7 @@ class Engine:
     # -- start-up ------------------------------------------------------------------------
     def _register(self) -> dict:
         reg = self.ctx.socket(zmq.DEALER)
+        secure(reg, self.info, server=False)
         reg.identity = self.ident
         reg.linger = 1000
         reg.setsockopt(zmq.RECONNECT_IVL, 50)
@@ -112,11 +113,13 @@ class Engine:
         for s, chan in ((self.task_sock, "task_engine"), (self.mux, "mux_engine"),
                         (self.control, "control_engine")):
             s.identity = self.ident
+            secure(s, info, server=False)
             s.linger = 2000
             s.sndhwm = s.rcvhwm = 0
             waits.append(s.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED))
             s.connect(url(chan))
         self.iopub = ctx.socket(zmq.PUB)
+        secure(self.iopub, info, server=False)
         self.iopub.linger = 2000
         self.iopub.sndhwm = 100_000
         waits.append(self.iopub.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED))
@@ -153,6 +156,8 @@ class Engine:
             cap = ctx.socket(zmq.PUB)
             for s in (sub, dealer, cap):
                 s.linger = 0
+            secure(sub, self.info, server=False)
+            secure(dealer, self.info, server=False)
             cap.connect(capture_url)
             mon = dealer.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
             sub.connect(ping_url)

@@ -20,7 +20,7 @@ import uuid
 import zmq
 
 from ._proc import setup_logging, watch_parent
-from .connection import ConnectionInfo
+from .connection import ConnectionInfo, secure
 from .errors import ProtocolError
 from .protocol import Session
 
@@ -122,11 +122,13 @@ class EngineSet:
         ctx = zmq.Context()
         hub = ctx.socket(zmq.DEALER)
         hub.linger = 500
+        secure(hub, self.info, server=False)
         hub.connect(self.info.url("registration"))
         notif = ctx.socket(zmq.SUB)
         notif.linger = 0
         notif.subscribe(b"unregistration")
         notif.subscribe(b"hub_beat")
+        secure(notif, self.info, server=False)
         notif.connect(self.info.url("notification"))
         poller = zmq.Poller()
         poller.register(rfd, zmq.POLLIN)

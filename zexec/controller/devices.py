@@ -13,7 +13,7 @@ import logging
 import zmq
 from zmq.devices import monitored_queue
 
-from ..connection import ConnectionInfo
+from ..connection import ConnectionInfo, secure
 
 log = logging.getLogger("zexec.devices")
 
@@ -39,6 +39,9 @@ def main(info: ConnectionInfo, name: str) -> None:
     if out_type == zmq.ROUTER:
         # an engine that reconnects (same identity) takes its route over at once
         outs.setsockopt(zmq.ROUTER_HANDOVER, 1)
+    secure(ins, info, server=True)
+    secure(outs, info, server=True)
+    secure(mon, info, server=False)
     ins.bind(info.bind_url(in_chan))
     outs.bind(info.bind_url(out_chan))
     mon.connect(info.url("monitor"))

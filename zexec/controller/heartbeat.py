@@ -21,7 +21,7 @@ import time
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from ..connection import ConnectionInfo
+from ..connection import ConnectionInfo, secure
 from ..protocol import RateLimitedLog, Session
 from . import policy
 
@@ -50,11 +50,14 @@ class HeartMonitor:
         pong = ctx.socket(zmq.ROUTER)
         for s in (ping, pong):
             s.linger = 0
+        secure(ping, info, server=True)
+        secure(pong, info, server=True)
         ping.bind(info.bind_url("hb_ping"))
         pong.bind(info.bind_url("hb_pong"))
         monitor = pong.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self.hub = ctx.socket(zmq.DEALER)
         self.hub.linger = 1000
+        secure(self.hub, info, server=False)
         self.hub.connect(info.url("registration"))
         poller = zmq.Poller()
         poller.register(pong, zmq.POLLIN)

@@ -24,7 +24,7 @@ import time
 
 import zmq
 
-from ..connection import ConnectionInfo
+from ..connection import ConnectionInfo, secure
 from ..errors import ProtocolError
 from ..protocol import RateLimitedLog, Session, loads, split_idents
 
@@ -58,10 +58,12 @@ class Hub:
         info = self.info
         self.registrar = ctx.socket(zmq.ROUTER)
         self.registrar.linger = 0
+        secure(self.registrar, info, server=True)
         self.registrar.bind(info.bind_url("registration"))
         self.notif = ctx.socket(zmq.PUB)
         self.notif.linger = 0
         self.notif.sndhwm = 0
+        secure(self.notif, info, server=True)
         self.notif.bind(info.bind_url("notification"))
         self.monitor = ctx.socket(zmq.SUB)
         self.monitor.rcvhwm = 0
@@ -70,6 +72,7 @@ class Hub:
         mon_url = info.bind_url("monitor")
         if info.transport == "tcp":
             mon_url = f"tcp://127.0.0.1:{info.addresses['monitor']}"  # never off this host
+        secure(self.monitor, info, server=True)
         self.monitor.bind(mon_url)
         poller = zmq.Poller()
         poller.register(self.registrar, zmq.POLLIN)

@@ -22,7 +22,7 @@ import time
 
 import zmq
 
-from ..connection import ConnectionInfo
+from ..connection import ConnectionInfo, secure
 from ..errors import ProtocolError
 from ..protocol import DELIM, RateLimitedLog, Session, dumps, loads, split_idents
 from . import policy
@@ -87,15 +87,19 @@ class TaskScheduler:
         for s in (self.client, self.engine_sock):
             s.sndhwm = s.rcvhwm = 0
             s.linger = 0
+        secure(self.client, info, server=True)
+        secure(self.engine_sock, info, server=True)
         self.client.bind(info.bind_url("task_client"))
         self.engine_sock.bind(info.bind_url("task_engine"))
         self.mon = ctx.socket(zmq.PUB)
         self.mon.sndhwm = 0
         self.mon.linger = 0
+        secure(self.mon, info, server=False)
         self.mon.connect(info.url("monitor"))
         self.notif = ctx.socket(zmq.SUB)
         self.notif.linger = 0
         self.notif.subscribe(b"")
+        secure(self.notif, info, server=False)
         self.notif.connect(info.url("notification"))
 
     def run(self) -> None:
