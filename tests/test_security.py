@@ -56,9 +56,14 @@ def test_file_is_private_and_controller_binds_loopback(ctl):
     assert os.stat(path).st_mode & 0o777 == 0o600
     info = ConnectionInfo.read(path)
     assert info.ip == "127.0.0.1" and info.curve
-    tree = [psutil.Process(proc.pid)] + psutil.Process(proc.pid).children(recursive=True)
-    listening = [c.laddr for p in tree for c in p.net_connections("tcp") if c.status == psutil.CONN_LISTEN]
-    assert listening and all(a.ip == "127.0.0.1" for a in listening), listening
+    from conftest import wait_until
+
+    def listening():
+        tree = [psutil.Process(proc.pid)] + psutil.Process(proc.pid).children(recursive=True)
+        return [c.laddr for p in tree for c in p.net_connections("tcp") if c.status == psutil.CONN_LISTEN]
+
+    wait_until(lambda: len(listening()) >= len(info.addresses), 20, what="every socket bound")
+    assert all(a.ip == "127.0.0.1" for a in listening()), listening()
 
 
 def test_curve_cluster_serves_key_holders(ctl):
