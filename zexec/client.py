@@ -128,6 +128,7 @@ class Client:
         self._closing = False
         self._fn_cache: collections.OrderedDict = collections.OrderedDict()
         self._fn_lock = threading.Lock()
+        self._send_lock = threading.Lock()
         self._bad = RateLimitedLog(log)
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -167,10 +168,18 @@ class Client:
         if info.transport != "ipc":
             host = info.url("registration").split("//", 1)[1].rsplit(":", 1)[0].strip("[]")
         addrs = info.with_(addresses=reply["addresses"])
-        self.task = self._socket(zmq.DEALER)
+        # requests leave from user threads through the *_send sockets (one lock), and
+        # every reply is addressed to the IO thread's sockets (header "reply_to")
+        recv_id, send_id = (self.session.session + "-r").encode(), (self.session.session + "-s").encode()
+        self.reply_to = recv_id.decode()
+        self.task = self._socket(zmq.DEALER, recv_id)
         self.task.connect(addrs.url("task_client", host))
-        self.mux = self._socket(zmq.DEALER)
+        self.mux = self._socket(zmq.DEALER, recv_id)
         self.mux.connect(addrs.url("mux_client", host))
+        self.task_send = self._socket(zmq.DEALER, send_id)
+        self.task_send.connect(addrs.url("task_client", host))
+        self.mux_send = self._socket(zmq.DEALER, send_id)
+        self.mux_send.connect(addrs.url("mux_client", host))
         self.control = self._socket(zmq.DEALER)
         self.control.connect(addrs.url("control_client", host))
         self.iopub = self._socket(zmq.SUB)
@@ -178,8 +187,10 @@ class Client:
         self.iopub.connect(addrs.url("iopub_client", host))
         return reply
 
-    def _socket(self, kind: int) -> zmq.Socket:
+    def _socket(self, kind: int, identity: bytes | None = None) -> zmq.Socket:
         s = self.ctx.socket(kind)
+        if identity is not None:
+            s.identity = identity
         secure(s, self.info, server=False)
         s.linger = 0
         s.sndhwm = s.rcvhwm = 0
@@ -217,10 +228,7 @@ class Client:
         """Send one task: load-balanced, or to engine ``target``; returns its future."""
         self.check()
         if target is not None and target not in self._engines:
-            dead = self._dead.get(target)
-            if dead is not None:
-                raise EngineDiedError.from_info(dead)
-            raise ValueError(f"no engine {target} in this cluster (engines: {self.engines})")
+            self._no_engine(target)
         fut = ZFuture()
         try:
             key, fn_frames = self._pack_fn(fn)
@@ -229,19 +237,38 @@ class Client:
             fut.set_exception(e)
             return fut
         fut._zclient = self
-        header = self.session.header("apply_request", retries=retries)
-        if target is not None:
-            header["target"] = target
+        header = self.session.header("apply_request", retries=retries, reply_to=self.reply_to)
         fut.msg_id = msg_id = header["msg_id"]
         content = {"fn": key, "nfn": len(fn_frames)}
         if chunk:
             content["chunk"] = True
-        idents = [self._engines[target]["uuid"].encode()] if target is not None else []
+        futures = self._futures
+        # registered before it is sent (the reply may beat us back), and only then is
+        # the engine checked: the IO thread removes a dead engine first and fails its
+        # futures after, so either it finds this future or we see the engine gone
+        futures[msg_id] = (fut, target)
+        if target is None:
+            sock, idents = self.task_send, ()
+        else:
+            info = self._engines.get(target)
+            if info is None:
+                futures.pop(msg_id, None)
+                self._no_engine(target)
+            sock, idents = self.mux_send, (info["uuid"].encode(),)
         frames = self.session.pack("apply_request", content, header=header,
                                    buffers=[*fn_frames, *arg_frames], idents=idents)
-        self._outbox.append(("apply", target, msg_id, fut, frames))
-        self._wake()
+        with self._send_lock:
+            if self._broken is not None or self._closing:
+                futures.pop(msg_id, None)
+                self.check()
+            sock.send_multipart(frames, copy=False)
         return fut
+
+    def _no_engine(self, target: int):
+        dead = self._dead.get(target)
+        if dead is not None:
+            raise EngineDiedError.from_info(dead)
+        raise ValueError(f"no engine {target} in this cluster (engines: {self.engines})")
 
     def _abort_sync(self, futures: list, timeout: float = 10.0) -> dict:
         """Ask where each task waits to drop it; msg_id -> True if it was dropped."""
@@ -250,8 +277,25 @@ class Client:
             # future locally could let its task run unseen, so report nothing dropped
             return {}
         verdict = _Verdicts(f.msg_id for f in futures)
-        self._outbox.append(("abort", None, None, verdict, futures))
-        self._wake()
+        groups: dict = {}
+        for f in futures:
+            entry = self._futures.get(f.msg_id)
+            if entry is None:
+                verdict.decide(f.msg_id, False)  # already resolved
+            else:
+                self._abort_waits[f.msg_id] = verdict
+                groups.setdefault(entry[1], []).append(f.msg_id)
+        # aborts follow their tasks on the same socket, so they arrive after them
+        with self._send_lock:
+            for target, ids in groups.items():
+                if self._broken is not None or self._closing:
+                    break
+                msg = self.session.pack("abort_request", {"msg_ids": ids}, reply_to=self.reply_to)
+                if target is None:
+                    self.task_send.send_multipart(msg)
+                elif target in self._engines:
+                    uuid = self._engines[target]["uuid"].encode()
+                    self.mux_send.send_multipart([uuid, *msg])
         verdict.event.wait(timeout)
         return verdict.result
 
@@ -354,7 +398,9 @@ class Client:
             self._break(ClusterLostError(f"zexec client IO thread failed: {e!r}"))
         finally:
             self._break(self._broken or ClusterLostError("the client was closed"), mark=False)
-            self.ctx.destroy(linger=0)
+            with self._send_lock:  # user threads send on the *_send sockets under it
+                self._closing = True
+                self.ctx.destroy(linger=0)
             os.close(self._wake_r)
             os.close(self._wake_w)
 
@@ -383,49 +429,16 @@ class Client:
 
     def _flush(self, limit: int = 2000) -> None:
         outbox = self._outbox
-        aborts: dict[int | None, list] = {}
         # bounded: a user thread submitting as fast as we send must not starve replies
         while outbox and limit > 0:
             limit -= 1
             kind, target, msg_id, fut, frames = outbox.popleft()
-            if kind == "apply":
-                if self._broken is not None:
-                    _fail(fut, self._broken)
-                    continue
-                if target is None:
-                    self._futures[msg_id] = (fut, None)
-                    self.task.send_multipart(frames, copy=False)
-                elif target in self._engines:
-                    self._futures[msg_id] = (fut, target)
-                    self.mux.send_multipart(frames, copy=False)
-                else:
-                    _fail(fut, EngineDiedError.from_info(self._dead.get(target, {"id": target})))
-            elif kind == "abort":
-                verdict, futures = fut, frames
-                for f in futures:
-                    entry = self._futures.get(f.msg_id)
-                    if entry is None:
-                        verdict.decide(f.msg_id, False)  # already resolved
-                    else:
-                        self._abort_waits[f.msg_id] = verdict
-                        aborts.setdefault(entry[1], []).append(f.msg_id)
-            elif kind == "raw_control":
+            if kind == "raw_control":
                 self.control.send_multipart(frames)
             elif kind == "request":
                 hdr_id = loads(frames[2])["msg_id"]
                 self._requests[hdr_id] = fut
                 self.registrar.send_multipart(frames)
-        # aborts follow their tasks on the same socket, so they arrive after them
-        for target, ids in aborts.items():
-            if target is None:
-                self.task.send_multipart(self.session.pack("abort_request", {"msg_ids": ids}))
-            elif target in self._engines:
-                uuid = self._engines[target]["uuid"].encode()
-                self.mux.send_multipart(self.session.pack("abort_request", {"msg_ids": ids},
-                                                          idents=[uuid]))
-            else:
-                for msg_id in ids:
-                    self._abort_waits.pop(msg_id).decide(msg_id, False)
 
     def _on_reply(self, frames: list) -> None:
         try:
@@ -588,11 +601,8 @@ class Client:
             w.decide(msg_id, False)
         while self._outbox:
             item = self._outbox.popleft()
-            if item[0] in ("apply", "request"):
+            if item[0] == "request":
                 _fail(item[3], exc)
-            elif item[0] == "abort":
-                for f in item[4]:
-                    item[3].decide(f.msg_id, False)
         requests, self._requests = self._requests, {}
         for fut in requests.values():
             _fail(fut, exc)

@@ -296,7 +296,7 @@ class Engine:
             except (ValueError, AttributeError, TypeError):
                 self.bad("malformed abort_request")
                 return
-            self._abort(sock, idents, rest[1], ids)
+            self._abort(sock, idents, rest[1], header, ids)
         elif kind == "shutdown_request" and sock is self.control:
             log.info("engine %d: shutdown requested", self.id)
             self.stopping = True
@@ -306,7 +306,7 @@ class Engine:
         else:
             self.bad("unexpected message", str(kind))
 
-    def _abort(self, sock, idents, parent, ids: set) -> None:
+    def _abort(self, sock, idents, parent, header, ids: set) -> None:
         """Drop queued tasks named in ``ids``; answer which were dropped and which not.
 
         An abort travels behind its task on the same socket, so a task that is not in
@@ -321,6 +321,9 @@ class Engine:
             else:
                 queue.append(item)
         not_found = sorted(ids.difference(aborted))
+        reply_to = header.get("reply_to")
+        if isinstance(reply_to, str):
+            idents = [reply_to.encode()]
         sock.send_multipart(self.session.pack(
             "abort_reply", {"aborted": aborted, "not_found": not_found, "engine": self.id},
             parent=parent, idents=idents))
@@ -383,6 +386,9 @@ class Engine:
         self._reply(sock, idents, rest[1], header, reply, frames, started, completed)
 
     def _reply(self, sock, idents, parent, header, content, frames, started, completed) -> None:
+        reply_to = header.get("reply_to")
+        if isinstance(reply_to, str):
+            idents = [reply_to.encode()]  # the client's receiving socket
         extra = {"parent_id": header.get("msg_id"), "status": content["status"], "engine": self.id}
         if started is not None:
             extra.update(started=started, completed=completed, elapsed=completed - started)

@@ -34,10 +34,11 @@ DRAIN_TIMEOUT = 5.0
 
 
 class _Task:
-    __slots__ = ("msg_id", "idents", "rest", "retries", "engine", "aborted", "sent", "parent")
+    __slots__ = ("msg_id", "idents", "rest", "retries", "engine", "aborted", "sent", "parent", "reply")
 
-    def __init__(self, msg_id, idents, rest, retries):
+    def __init__(self, msg_id, idents, rest, retries, reply):
         self.msg_id = msg_id
+        self.reply = reply
         self.idents = idents
         self.rest = rest
         self.retries = retries
@@ -45,6 +46,12 @@ class _Task:
         self.aborted = False
         self.sent = 0.0
         self.parent = rest[1]
+
+
+def _reply_idents(header: dict, idents: list) -> list:
+    """Where replies go: the client's receiving socket named in the header, else the sender."""
+    reply_to = header.get("reply_to")
+    return [reply_to.encode()] if isinstance(reply_to, str) else idents
 
 
 class _Engine:
@@ -150,7 +157,8 @@ class TaskScheduler:
                 self.bad("duplicate msg_id", msg_id)
                 return
             retries = header.get("retries") or 0
-            task = _Task(msg_id, idents, rest, retries if isinstance(retries, int) else 0)
+            task = _Task(msg_id, idents, rest, retries if isinstance(retries, int) else 0,
+                         _reply_idents(header, idents))
             self.tasks[msg_id] = task
             self.queue.append(task)
         elif msg_type == "abort_request":
@@ -159,11 +167,11 @@ class TaskScheduler:
             except (ValueError, AttributeError):
                 self.bad("malformed abort_request")
                 return
-            self._abort(idents, rest[1], ids)
+            self._abort(idents, rest[1], ids, _reply_idents(header, idents))
         else:
             self.bad("unknown msg_type on task socket", str(msg_type))
 
-    def _abort(self, idents: list, parent, ids: list) -> None:
+    def _abort(self, idents: list, parent, ids: list, reply: list) -> None:
         """Drop tasks still queued here and answer for them; ask engines about the rest."""
         per_engine: dict[bytes, list] = {}
         aborted, not_found = [], []
@@ -179,15 +187,15 @@ class TaskScheduler:
                 per_engine.setdefault(task.engine, []).append(msg_id)
         self.client.send_multipart(self.session.pack(
             "abort_reply", {"aborted": aborted, "not_found": not_found}, parent=parent,
-            idents=idents), copy=False)
+            idents=reply), copy=False)
         for euuid, mids in per_engine.items():
             # behind the tasks on the same pipe: the engine has them queued, or started
             msg = self.session.pack("abort_request", {"msg_ids": mids}, parent=parent,
-                                    idents=[euuid, *idents])
+                                    idents=[euuid, *reply])
             if not self._send_engine(msg):
                 self.client.send_multipart(self.session.pack(
                     "abort_reply", {"aborted": [], "not_found": mids}, parent=parent,
-                    idents=idents), copy=False)
+                    idents=reply), copy=False)
 
     # -- engines -------------------------------------------------------------------------
     def _on_engine(self, frames: list) -> None:
@@ -354,7 +362,7 @@ class TaskScheduler:
                 reply = self.session.pack(
                     "apply_reply",
                     {"status": "error", "ename": "EngineDiedError", "engine": info},
-                    parent=task.parent, idents=task.idents, parent_id=task.msg_id,
+                    parent=task.parent, idents=task.reply, parent_id=task.msg_id,
                     status="error", engine=eng.id)
                 self.client.send_multipart(reply, copy=False)
                 self._done.append((task.msg_id, "engine_died", None, None))
