@@ -105,3 +105,22 @@ def test_malformed_json_and_missing_fields():
 
 def test_split_idents():
     assert split_idents([b"a", b"b", DELIM, b"s", b"h"]) == ([b"a", b"b"], [b"s", b"h"])
+
+
+def test_routing_signature_for_big_payloads():
+    s = make()
+    big = bytes(BIG_FRAME)
+    frames = s.pack("apply_request", {}, buffers=[big])
+    assert b":" in frames[1]
+    make().unpack(frames)                      # full check passes
+    tampered = list(frames)
+    tampered[-1] = b"\x01" + big[1:]
+    make().verify(tampered[1:], routing=True)  # the router only vouches for the header
+    with pytest.raises(ProtocolError, match="bad signature"):
+        make().unpack(tampered)                # an unpickler never accepts it
+    bad_head = list(frames)
+    bad_head[2] = bad_head[2].replace(b"apply_request", b"apply_requesX")
+    with pytest.raises(ProtocolError, match="bad signature"):
+        make().verify(bad_head[1:], routing=True)
+    small = s.pack("x", {}, buffers=[b"small"])
+    assert b":" not in small[1]

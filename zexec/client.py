@@ -34,7 +34,7 @@ from typing import Any, Callable
 
 import zmq
 
-from . import serialize
+from . import serialize, wire
 from .connection import ConnectionInfo, secure
 from .errors import ClusterLostError, EngineDiedError, ProtocolError, ZexecError
 from .protocol import RateLimitedLog, Session, loads, split_idents
@@ -261,7 +261,7 @@ class Client:
             if self._broken is not None or self._closing:
                 futures.pop(msg_id, None)
                 self.check()
-            sock.send_multipart(frames, copy=False)
+            wire.send_frames(sock, frames)
         return fut
 
     def _no_engine(self, target: int):
@@ -381,10 +381,7 @@ class Client:
                     h = handlers.get(s)
                     if h is None:
                         continue
-                    for _ in range(5000):
-                        if not s.get(zmq.EVENTS) & zmq.POLLIN:
-                            break
-                        h(s.recv_multipart(copy=False))
+                    wire.drain(s, h, 5000)
                 if self._broken is None and time.monotonic() - self._last_beat > HUB_TIMEOUT:
                     self._probe_hub()
                 if self._draining:

@@ -30,7 +30,7 @@ import uuid as uuid_mod
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from . import serialize
+from . import serialize, wire
 from .connection import ConnectionInfo, secure
 from .errors import ProtocolError
 from .protocol import RateLimitedLog, Session, loads, split_idents
@@ -222,10 +222,7 @@ class Engine:
 
     def _poll_once(self, poller: zmq.Poller, timeout: int) -> None:
         for s, _ in poller.poll(timeout):
-            for _ in range(10_000):
-                if not s.get(zmq.EVENTS) & zmq.POLLIN:
-                    break
-                self._on_message(s, s.recv_multipart(copy=False))
+            wire.drain(s, lambda frames, s=s: self._on_message(s, frames), 10_000)
 
     def _watch_long_tasks(self, poller: zmq.Poller) -> None:
         """While a task runs longer than WATCH_AFTER, read the sockets on its behalf.
@@ -394,7 +391,7 @@ class Engine:
             extra.update(started=started, completed=completed, elapsed=completed - started)
         msg = self.session.pack("apply_reply", content, parent=parent, idents=idents,
                                 buffers=frames, **extra)
-        sock.send_multipart(msg, copy=False)
+        wire.send_frames(sock, msg)
 
 
 def main(info: ConnectionInfo, **kwargs) -> int:

@@ -24,6 +24,8 @@ import zmq
 
 from ..connection import ConnectionInfo, secure
 from ..errors import ProtocolError
+from .. import wire
+from ..wire import send_frames
 from ..protocol import DELIM, RateLimitedLog, Session, dumps, loads, split_idents
 from . import policy
 
@@ -31,6 +33,8 @@ log = logging.getLogger("zexec.taskscheduler")
 
 #: how long an engine that exited cleanly has to deliver its last replies
 DRAIN_TIMEOUT = 5.0
+#: how often task records go to the hub
+RECORD_INTERVAL = 0.1
 
 
 class _Task:
@@ -82,6 +86,7 @@ class TaskScheduler:
         self.mean_overhead: float | None = None
         self.bad = RateLimitedLog(log)
         self._submitted: list = []
+        self._next_flush = 0.0
         self._done: list = []
 
     # -- sockets -------------------------------------------------------------------------
@@ -118,7 +123,7 @@ class TaskScheduler:
         log.info("task scheduler up")
         try:
             while True:
-                ready = dict(poller.poll(1000 if not self.draining else 100))
+                ready = dict(poller.poll(100 if self.draining or self._submitted or self._done else 1000))
                 # replies before notifications: an engine's last reply and the news
                 # of its exit often arrive together
                 if self.engine_sock in ready:
@@ -134,18 +139,13 @@ class TaskScheduler:
         finally:
             ctx.destroy(linger=0)
 
-    @staticmethod
-    def _drain(sock: zmq.Socket, handler, limit: int = 1000) -> None:
-        for _ in range(limit):
-            if not sock.get(zmq.EVENTS) & zmq.POLLIN:
-                return
-            handler(sock.recv_multipart(copy=False))
+    _drain = staticmethod(wire.drain)
 
     # -- clients -------------------------------------------------------------------------
     def _on_client(self, frames: list) -> None:
         try:
             idents, rest = split_idents(frames)
-            self.session.verify(rest)
+            self.session.verify(rest, routing=True)
             header = loads(rest[1])
             msg_type = header["msg_type"]
             msg_id = header["msg_id"]
@@ -202,7 +202,7 @@ class TaskScheduler:
         try:
             euuid = frames[0].bytes
             idents, rest = split_idents(frames[1:])
-            self.session.verify(rest)
+            self.session.verify(rest, routing=True)
             header = loads(rest[1])
         except (ProtocolError, ValueError, IndexError, UnicodeDecodeError) as e:
             self.bad("task engine socket", str(e))
@@ -220,7 +220,7 @@ class TaskScheduler:
             except (ValueError, AttributeError, TypeError):
                 self.bad("malformed abort_reply")
                 return
-            self.client.send_multipart([*idents, DELIM, *rest], copy=False)
+            send_frames(self.client, [*idents, DELIM, *rest])
             return
         if kind != "apply_reply":
             self.bad("unexpected msg_type from engine", str(kind))
@@ -234,7 +234,7 @@ class TaskScheduler:
         if isinstance(elapsed, (int, float)):
             self.mean_runtime = policy.ewma(self.mean_runtime, elapsed)
             self.mean_overhead = policy.ewma(self.mean_overhead, max(0.0, now - task.sent - elapsed))
-        self.client.send_multipart([*idents, DELIM, *rest], copy=False)
+        send_frames(self.client, [*idents, DELIM, *rest])
         self._done.append((task.msg_id, header.get("status"), header.get("started"), header.get("completed")))
 
     def _bound(self) -> int:
@@ -284,7 +284,7 @@ class TaskScheduler:
 
     def _send_engine(self, frames: list) -> bool:
         try:
-            self.engine_sock.send_multipart(frames, copy=False)
+            send_frames(self.engine_sock, frames)
             return True
         except zmq.ZMQError as e:
             if e.errno != zmq.EHOSTUNREACH:
@@ -371,7 +371,11 @@ class TaskScheduler:
                  eng.id, info.get("reason", "?"), retried, failed)
 
     def _flush_records(self) -> None:
-        if self._submitted or self._done:
+        # batched on a clock: a message to the hub per task would wake it per task,
+        # and on a small machine every extra wake-up is latency for someone else
+        now = time.monotonic()
+        if (self._submitted or self._done) and (now >= self._next_flush or len(self._done) > 5000):
+            self._next_flush = now + RECORD_INTERVAL
             rec = {"submitted": self._submitted, "done": self._done, "queue": len(self.queue)}
             self.mon.send_multipart([b"task", dumps(rec)])
             self._submitted = []
