@@ -78,6 +78,7 @@ class Engine:
         self.stopping = False
         self.running_since: float | None = None
         self.current: tuple | None = None
+        self._captures = (_Capture("stdout", sys.stdout), _Capture("stderr", sys.stderr))
         self.sock_lock = threading.Lock()
         self.bad = RateLimitedLog(log)
 
@@ -340,7 +341,9 @@ class Engine:
         msg_id = header["msg_id"]
         self.current = (topic, msg_id)
         out, err = sys.stdout, sys.stderr
-        cap_out, cap_err = _Capture("stdout", out), _Capture("stderr", err)
+        cap_out, cap_err = self._captures
+        if cap_out.original is not out or cap_err.original is not err:
+            cap_out, cap_err = self._captures = (_Capture("stdout", out), _Capture("stderr", err))
         sys.stdout, sys.stderr = cap_out, cap_err
         started = time.time()
         # hand the sockets to the watcher should this task run long (see _watch_long_tasks)
@@ -375,7 +378,11 @@ class Engine:
             self.sock_lock.acquire()
         completed = time.time()
         for cap in (cap_out, cap_err):
+            if not cap.tell():
+                continue
             text = cap.getvalue()
+            cap.seek(0)
+            cap.truncate()  # the two capture streams are reused task after task
             if text:
                 self.iopub.send_multipart(self.session.pack(
                     "stream", {"name": cap.name, "text": text, "msg_id": msg_id, "engine": self.id},
