@@ -78,6 +78,7 @@ class Engine:
         self.stopping = False
         self.running_since: float | None = None
         self.current: tuple | None = None
+        self.watching = False
         self._captures = (_Capture("stdout", sys.stdout), _Capture("stderr", sys.stderr))
         self.sock_lock = threading.Lock()
         self.bad = RateLimitedLog(log)
@@ -210,7 +211,7 @@ class Engine:
                     return 5
             return self._loop()
         finally:
-            for name in ("task_sock", "mux", "control", "iopub", "registrar"):
+            for name in ("task_sock", "mux", "control", "iopub", "registrar", "_wake_tx", "_wake_rx"):
                 sock = getattr(self, name, None)
                 if sock is not None:
                     sock.close(linger=2000)
@@ -225,7 +226,7 @@ class Engine:
         for s, _ in poller.poll(timeout):
             wire.drain(s, lambda frames, s=s: self._on_message(s, frames), 10_000)
 
-    def _watch_long_tasks(self, poller: zmq.Poller) -> None:
+    def _watch_long_tasks(self, poller: zmq.Poller, wake: zmq.Socket) -> None:
         """While a task runs longer than WATCH_AFTER, read the sockets on its behalf.
 
         The main thread is busy in the task, so without this an abort for a task queued
@@ -239,6 +240,9 @@ class Engine:
             if t is None or time.monotonic() - t < WATCH_AFTER:
                 continue
             with self.sock_lock:
+                # set before the check below: the main thread clears running_since and
+                # then reads this flag, so one of us always sees the other
+                self.watching = True
                 if self.running_since == t and self.current is not None:
                     # the task's start is reported only now: a task that ends sooner
                     # goes from PENDING to FINISHED, saving a message per short task
@@ -247,7 +251,12 @@ class Engine:
                         "status", {"state": "started", "msg_id": msg_id, "engine": self.id},
                         idents=[topic]))
                 while self.running_since == t and not self.stopping:
-                    self._poll_once(poller, 5)
+                    for s, _ in poller.poll(50):
+                        if s is wake:
+                            wake.recv()  # the task ended: hand the sockets back now
+                        else:
+                            wire.drain(s, lambda frames, s=s: self._on_message(s, frames), 10_000)
+                self.watching = False
 
     def _loop(self) -> int:
         poller = zmq.Poller()
@@ -255,7 +264,16 @@ class Engine:
         for s in socks:
             poller.register(s, zmq.POLLIN)
         queue = self.queue
-        threading.Thread(target=self._watch_long_tasks, args=(poller,),
+        self._wake_tx = self.ctx.socket(zmq.PAIR)
+        self._wake_tx.linger = 0
+        self._wake_tx.bind(f"inproc://engine-wake-{self.uuid}")
+        wake_rx = self._wake_rx = self.ctx.socket(zmq.PAIR)
+        wake_rx.linger = 0
+        wake_rx.connect(f"inproc://engine-wake-{self.uuid}")
+        watch_poller = zmq.Poller()
+        for s in (*socks, wake_rx):
+            watch_poller.register(s, zmq.POLLIN)
+        threading.Thread(target=self._watch_long_tasks, args=(watch_poller, wake_rx),
                          name="zexec-engine-watch", daemon=True).start()
         lock = self.sock_lock
         lock.acquire()
@@ -375,6 +393,8 @@ class Engine:
         finally:
             sys.stdout, sys.stderr = out, err
             self.running_since = None
+            if self.watching:
+                self._wake_tx.send(b"")
             self.sock_lock.acquire()
         completed = time.time()
         for cap in (cap_out, cap_err):
