@@ -196,3 +196,23 @@ def test_connection_file_is_private_and_cluster_exits_clean(no_leaks):
             assert mode == 0o600
             ex.submit(divmod, 1, 0).result(30)
     assert not c.procs
+
+
+def test_queued_tasks_fail_when_no_engine_is_left(no_leaks, tmp_path):
+    from zexec import NoEnginesError
+
+    with LocalCluster(1, replace=False, no_engine_timeout=1.0) as ex:
+        eid = ex.engines[0]
+        started = str(tmp_path / "s")
+        first = ex.submit(tasks.touch_then_wait, started, str(tmp_path / "never"))
+        wait_until(lambda: os.path.exists(started), 30, what="first task to start")
+        queued = [ex.submit(tasks.mul, i, 2) for i in range(5)]
+        pid = ex.client.engine_info(eid)["pid"]
+        os.kill(pid, signal.SIGKILL)
+        with pytest.raises(EngineDiedError):
+            first.result(30)
+        for f in queued:
+            # held by the engine (failed with it) or still queued (failed for want of engines)
+            with pytest.raises((EngineDiedError, NoEnginesError)):
+                f.result(30)
+        assert ex.engines == []

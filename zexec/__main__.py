@@ -33,6 +33,7 @@ def _controller(args) -> int:
         info.write(args.connection_file)
     path = os.path.abspath(args.connection_file)
     return supervisor.run(info, hwm=args.hwm, parent_pid=args.parent_pid,
+                          no_engine_timeout=args.no_engine_timeout,
                           ready_message=f"zexec controller running; connection file: {path}")
 
 
@@ -116,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--curve", action="store_true",
                    help="encrypt all traffic with CurveZMQ (keys generated now, kept in the connection file)")
     c.add_argument("--hwm", type=int, default=None, help="fixed bound on tasks outstanding per engine (default adaptive)")
+    c.add_argument("--no-engine-timeout", type=float, default=30.0,
+                   help="fail queued load-balanced tasks after this many seconds without any engine (default 30)")
     c.add_argument("--reuse", action="store_true", help="use the connection file as it is (key and addresses)")
     c.add_argument("--parent-pid", type=int, default=0, help=argparse.SUPPRESS)
     c.set_defaults(func=_controller)

@@ -29,6 +29,7 @@ import threading
 import time
 import weakref
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures._base import PENDING
 from typing import Any, Callable
 
@@ -36,7 +37,7 @@ import zmq
 
 from . import serialize, wire
 from .connection import ConnectionInfo, secure
-from .errors import ClusterLostError, EngineDiedError, ProtocolError, ZexecError
+from .errors import ClusterLostError, EngineDiedError, NoEnginesError, ProtocolError, ZexecError
 from .protocol import RateLimitedLog, Session, loads, split_idents
 
 log = logging.getLogger("zexec.client")
@@ -318,7 +319,7 @@ class Client:
         self._wake()
         try:
             return fut.result(timeout)
-        except TimeoutError:
+        except (TimeoutError, FutureTimeout):
             raise TimeoutError(f"the hub did not answer {msg_type} within {timeout:.0f}s") from None
 
     def wait_for_engines(self, n: int, timeout: float = 30.0, check: Callable[[], None] | None = None) -> None:
@@ -341,7 +342,7 @@ class Client:
             # it, never remove (removals come in order on the notification socket)
             try:
                 reply = self.request("connection_request", timeout=max(0.5, deadline - time.monotonic()))
-            except TimeoutError:
+            except (TimeoutError, FutureTimeout):
                 continue
             for info in reply.get("engines", {}).values():
                 self._add_engine(info)
@@ -482,6 +483,8 @@ class Client:
         elif status == "error":
             if content.get("ename") == "EngineDiedError" and isinstance(content.get("engine"), dict):
                 exc: BaseException = EngineDiedError.from_info(content["engine"])
+            elif content.get("ename") == "NoEnginesError":
+                exc = NoEnginesError(str(content.get("evalue", "")))
             else:
                 exc = serialize.rebuild_exception(content, rest[4:])
             _fail(fut, exc)

@@ -47,7 +47,8 @@ class LocalCluster:
                  replace: bool = True, retries: int = 0, initializer: Callable | None = None,
                  initargs: tuple = (), max_tasks_per_child: int | None = None,
                  startup_timeout: float = 60.0, hwm: int | None = None,
-                 forward_output: bool = True, curve: bool = False) -> None:
+                 forward_output: bool = True, curve: bool = False,
+                 no_engine_timeout: float = 30.0) -> None:
         self.n = n or os.cpu_count() or 1
         self.transport = transport or ("ipc" if os.name == "posix" else "tcp")
         self.ip = ip
@@ -62,6 +63,7 @@ class LocalCluster:
         self.hwm = hwm
         self.forward_output = forward_output
         self.curve = curve
+        self.no_engine_timeout = no_engine_timeout
         self.dir: str | None = None
         self.connection_file: str | None = None
         self.procs: dict[str, subprocess.Popen] = {}
@@ -89,6 +91,7 @@ class LocalCluster:
         ctl = [*py, "controller", "--reuse", *common]
         if self.hwm:
             ctl += ["--hwm", str(self.hwm)]
+        ctl += ["--no-engine-timeout", str(self.no_engine_timeout)]
         eng = [*py, "engine", "-n", str(self.n), "--log-dir", self.dir, *common]
         if self.replace:
             eng.append("--replace")

@@ -44,6 +44,8 @@ class ConnectionInfo:
         where = self.addresses[channel]
         if self.transport == "ipc":
             return f"ipc://{where}"
+        if channel == "monitor":
+            return f"tcp://127.0.0.1:{where}"  # the hub binds its monitor on loopback only
         ip = host or self.ip
         if ip in ("0.0.0.0", "*", ""):
             ip = self.location or "127.0.0.1"
@@ -66,7 +68,11 @@ class ConnectionInfo:
     @classmethod
     def from_dict(cls, d: dict) -> "ConnectionInfo":
         known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        info = cls(**{k: v for k, v in d.items() if k in known})
+        if not info.key:
+            # an empty key would sign nothing, and pickles would be unpickled unchecked
+            raise ValueError("the connection file has no key: refusing to run unsigned")
+        return info
 
     def write(self, path: str) -> str:
         """Write the file with mode 0600 (created so; never world-readable even briefly)."""

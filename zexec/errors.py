@@ -85,6 +85,10 @@ class EngineDiedError(ZexecError, BrokenProcessPool):
         return cls(info.get("id"), info.get("reason", ""), info.get("exitcode"), info.get("log"))
 
 
+class NoEnginesError(ZexecError):
+    """A load-balanced task waited longer than the cluster allows with no engine to run it."""
+
+
 class ClusterLostError(ZexecError, BrokenExecutor):
     """The controller (hub) is gone or unreachable: the executor can no longer serve."""
 

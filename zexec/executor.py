@@ -136,6 +136,10 @@ class ZmqExecutor(_ExecutorBase):
                 client.close()
                 self._cluster.stop()
                 raise
+        elif max_workers is not None or initializer is not None or max_tasks_per_child or cluster_kwargs:
+            raise ValueError("max_workers, initializer, max_tasks_per_child and cluster options "
+                             "apply to a cluster this executor starts; with connection= the "
+                             "cluster is already running (set them where it is started)")
         elif isinstance(connection, Client):
             client = connection
         else:

@@ -113,7 +113,8 @@ class HeartMonitor:
         for heart in policy.heart_failures(self.last_seen, self.beat, self.misses):
             del self.last_seen[heart]
             log.warning("heart %s missed %d beats", heart, self.misses)
-            self.report("heart_failure", heart, reason=f"no heartbeat for {self.misses * self.period:.1f}s")
+            self.report("heart_failure", heart,
+                        reason=f"missed {self.misses} heartbeats ({self.misses * self.period:.1f}s and more)")
 
 
 def main(info: ConnectionInfo) -> None:

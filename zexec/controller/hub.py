@@ -285,7 +285,8 @@ class Hub:
                 self._publish("lost_message", {"msg_id": lost, "device": prefix.decode()})
             return
         if prefix == b"mux_in" and kind == "apply_request":
-            eng = self.engines.get(idents[1].bytes.decode(errors="replace"))
+            # the device copies after swapping: [engine, client]
+            eng = self.engines.get(idents[0].bytes.decode(errors="replace"))
             self._record(header.get("msg_id"), eng["id"] if eng else None, header.get("date"))
         elif prefix == b"mux_out" and kind == "apply_reply":
             self._finish(header.get("parent_id"), header.get("status"), header.get("engine"))

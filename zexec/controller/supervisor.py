@@ -23,7 +23,7 @@ log = logging.getLogger("zexec.controller")
 PARTS = ("hub", "heartbeat", "mux", "control", "iopub", "task")
 
 
-def _run_part(name: str, info: ConnectionInfo, hwm: int | None) -> None:
+def _run_part(name: str, info: ConnectionInfo, hwm: int | None, no_engine_timeout: float) -> None:
     if name == "hub":
         from .hub import main
         main(info)
@@ -32,13 +32,13 @@ def _run_part(name: str, info: ConnectionInfo, hwm: int | None) -> None:
         main(info)
     elif name == "task":
         from .taskscheduler import main
-        main(info, hwm)
+        main(info, hwm, no_engine_timeout)
     else:
         from .devices import main
         main(info, name)
 
 
-def _fork_part(name: str, info: ConnectionInfo, hwm: int | None) -> int:
+def _fork_part(name: str, info: ConnectionInfo, hwm: int | None, no_engine_timeout: float) -> int:
     parent = os.getpid()
     pid = os.fork()
     if pid:
@@ -49,7 +49,7 @@ def _fork_part(name: str, info: ConnectionInfo, hwm: int | None) -> int:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         watch_parent(parent)
-        _run_part(name, info, hwm)
+        _run_part(name, info, hwm, no_engine_timeout)
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 0
     except BaseException:  # noqa: BLE001 - logged, then the part exits non-zero
@@ -63,7 +63,7 @@ def _fork_part(name: str, info: ConnectionInfo, hwm: int | None) -> int:
 
 
 def run(info: ConnectionInfo, hwm: int | None = None, parent_pid: int = 0,
-        ready_message: str | None = None) -> int:
+        ready_message: str | None = None, no_engine_timeout: float = 30.0) -> int:
     """Run the controller until a signal or a part's death; returns the exit code."""
     setup_logging()
     if parent_pid:
@@ -76,7 +76,7 @@ def run(info: ConnectionInfo, hwm: int | None = None, parent_pid: int = 0,
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    children = {_fork_part(name, info, hwm): name for name in PARTS}
+    children = {_fork_part(name, info, hwm, no_engine_timeout): name for name in PARTS}
     log.info("controller up: %s", ", ".join(f"{n}={p}" for p, n in children.items()))
     if ready_message:
         print(ready_message, flush=True)

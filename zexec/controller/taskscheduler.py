@@ -71,12 +71,15 @@ class _Engine:
 
 
 class TaskScheduler:
-    def __init__(self, info: ConnectionInfo, hwm: int | None = None) -> None:
+    def __init__(self, info: ConnectionInfo, hwm: int | None = None,
+                 no_engine_timeout: float = 30.0) -> None:
         self.info = info
         self.session = Session(info.key_bytes)
         self.fixed_hwm = hwm
         self.engines: dict[bytes, _Engine] = {}
         self.draining: dict[bytes, tuple] = {}
+        self.no_engines_since: float | None = None
+        self.no_engine_timeout = no_engine_timeout
         self.order: list[bytes] = []
         self.dead: set[bytes] = set()
         self.queue: collections.deque[_Task] = collections.deque()
@@ -132,6 +135,8 @@ class TaskScheduler:
                     self._drain(self.notif, self._on_notification)
                 if self.draining:
                     self._check_draining()
+                if not self.order and self.queue:
+                    self._check_no_engines()
                 if self.client in ready:
                     self._drain(self.client, self._on_client)
                 self._dispatch()
@@ -327,6 +332,7 @@ class TaskScheduler:
             return
         self.engines[euuid] = _Engine(info)
         self.order.append(euuid)
+        self.no_engines_since = None
         log.info("engine %s joined", info["id"])
 
     def _engine_died(self, info: dict) -> None:
@@ -341,6 +347,29 @@ class TaskScheduler:
             self.draining[euuid] = (eng, time.monotonic() + DRAIN_TIMEOUT, info)
             return
         self._fail_or_retry(eng, info)
+
+    def _check_no_engines(self) -> None:
+        """Queued tasks fail once no engine has been there for ``no_engine_timeout``."""
+        now = time.monotonic()
+        if self.no_engines_since is None or self.engines:
+            self.no_engines_since = now
+            return
+        if now - self.no_engines_since < self.no_engine_timeout:
+            return
+        failed = 0
+        while self.queue:
+            task = self.queue.popleft()
+            if task.aborted:
+                continue
+            self.tasks.pop(task.msg_id, None)
+            text = f"no engine joined the cluster for {self.no_engine_timeout:.0f}s"
+            send_frames(self.client, self.session.pack(
+                "apply_reply", {"status": "error", "ename": "NoEnginesError", "evalue": text},
+                parent=task.parent, idents=task.reply, parent_id=task.msg_id, status="error"))
+            self._done.append((task.msg_id, "no_engines", None, None))
+            failed += 1
+        log.warning("no engines for %.0fs: failed %d queued tasks", self.no_engine_timeout, failed)
+        self.no_engines_since = None
 
     def _check_draining(self) -> None:
         now = time.monotonic()
@@ -382,5 +411,5 @@ class TaskScheduler:
             self._done = []
 
 
-def main(info: ConnectionInfo, hwm: int | None = None) -> None:
-    TaskScheduler(info, hwm).run()
+def main(info: ConnectionInfo, hwm: int | None = None, no_engine_timeout: float = 30.0) -> None:
+    TaskScheduler(info, hwm, no_engine_timeout).run()
