@@ -110,3 +110,12 @@ def spin(seconds):
     while time.perf_counter() < end:
         n += 1
     return n
+
+
+def double(a):
+    return a * 2
+
+
+def add_one_inplace(a):
+    a += 1
+    return a

@@ -134,6 +134,8 @@ class Client:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         self._wake_pending = False
+        self.shm = info.shm_store()
+        self._shm_out: dict[str, dict] = {}
         try:
             reply = self._connect(timeout)
         except BaseException:
@@ -243,6 +245,18 @@ class Client:
         content = {"fn": key, "nfn": len(fn_frames)}
         if chunk:
             content["chunk"] = True
+        buffers = [*fn_frames, *arg_frames]
+        if self.shm is not None and len(arg_frames) > 1:
+            try:
+                refs = self.shm.export(buffers, len(fn_frames))
+            except OSError as e:  # tmpfs full: this future fails, with the reason
+                fut.set_exception(e)
+                return fut
+            if refs:
+                content["shm"] = refs
+                names = [r[1] for r in refs]
+                self._shm_out[msg_id] = {r[1]: r[3] for r in refs}
+                fut.add_done_callback(lambda _f, names=names, m=msg_id: self._shm_done(m, names))
         futures = self._futures
         # registered before it is sent (the reply may beat us back), and only then is
         # the engine checked: the IO thread removes a dead engine first and fails its
@@ -257,13 +271,17 @@ class Client:
                 self._no_engine(target)
             sock, idents = self.mux_send, (info["uuid"].encode(),)
         frames = self.session.pack("apply_request", content, header=header,
-                                   buffers=[*fn_frames, *arg_frames], idents=idents)
+                                   buffers=buffers, idents=idents)
         with self._send_lock:
             if self._broken is not None or self._closing:
                 futures.pop(msg_id, None)
                 self.check()
             wire.send_frames(sock, frames)
         return fut
+
+    def _shm_done(self, msg_id: str, names: list) -> None:
+        self._shm_out.pop(msg_id, None)
+        self.shm.unlink(names)
 
     def _no_engine(self, target: int):
         dead = self._dead.get(target)
@@ -444,7 +462,8 @@ class Client:
             self.session.verify(rest)
             header = loads(rest[1])
             # a successful reply says so in its header: its content need not be parsed
-            content = {"status": "ok"} if header.get("status") == "ok" else loads(rest[3])
+            content = ({"status": "ok"} if header.get("status") == "ok" and not header.get("shm")
+                       else loads(rest[3]))
         except (ProtocolError, ValueError, UnicodeDecodeError) as e:
             self._bad("reply", str(e))
             return
@@ -470,7 +489,13 @@ class Client:
         status = content.get("status")
         if status == "ok":
             try:
-                result = serialize.loads(rest[4:])
+                buffers = rest[4:]
+                if content.get("shm"):
+                    if self.shm is None:
+                        raise ProtocolError("a shared-memory buffer reached a client without one")
+                    buffers = self.shm.open(buffers, content["shm"], unlink=True,
+                                            trusted=self._shm_out.get(header.get("parent_id")))
+                result = serialize.loads(buffers)
             except BaseException as e:  # noqa: BLE001 - a result that fails to unpickle here
                 _fail(fut, e)
                 return

@@ -65,6 +65,7 @@ class LocalCluster:
         self.curve = curve
         self.no_engine_timeout = no_engine_timeout
         self.dir: str | None = None
+        self.shm_dir: str | None = None
         self.connection_file: str | None = None
         self.procs: dict[str, subprocess.Popen] = {}
         self.logs: dict[str, str] = {}
@@ -79,6 +80,10 @@ class LocalCluster:
                               heartbeat_period=self.heartbeat_period,
                               heartbeat_misses=self.heartbeat_misses,
                               curve=new_curve_keys() if self.curve else None)
+        if self.transport == "ipc" and os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
+            # big buffers go through memory, not four socket copies (see zexec.shm)
+            self.shm_dir = tempfile.mkdtemp(prefix="zexec-", dir="/dev/shm")
+            info = info.with_(shm_dir=self.shm_dir)
         info = allocate(info, ipc_dir=self.dir)
         self.connection_file = info.write(os.path.join(self.dir, "cluster.json"))
         env = dict(os.environ)
@@ -163,8 +168,9 @@ class LocalCluster:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait(5)
-        if self.dir and os.path.isdir(self.dir):
-            shutil.rmtree(self.dir, ignore_errors=True)
+        for d in (self.dir, self.shm_dir):
+            if d and os.path.isdir(d):
+                shutil.rmtree(d, ignore_errors=True)
 
     # -- context manager -----------------------------------------------------------------
     def executor(self, **kwargs: Any) -> ZmqExecutor:

@@ -34,6 +34,16 @@ class ConnectionInfo:
     curve: dict | None = None
     #: the address clients and engines connect to, when ``ip`` is a wildcard
     location: str | None = None
+    #: a private tmpfs directory for large buffers, when every process shares this host
+    shm_dir: str | None = None
+
+    def shm_store(self):
+        """The ShmStore for this cluster, or None where buffers go through the sockets."""
+        if self.transport != "ipc" or not self.shm_dir or not os.path.isdir(self.shm_dir):
+            return None
+        from .shm import ShmStore
+
+        return ShmStore(self.shm_dir)
 
     @property
     def key_bytes(self) -> bytes:

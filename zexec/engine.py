@@ -79,6 +79,7 @@ class Engine:
         self.running_since: float | None = None
         self.current: tuple | None = None
         self.watching = False
+        self.shm = info.shm_store()
         self._captures = (_Capture("stdout", sys.stdout), _Capture("stderr", sys.stderr))
         self.sock_lock = threading.Lock()
         self.bad = RateLimitedLog(log)
@@ -257,6 +258,7 @@ class Engine:
                         else:
                             wire.drain(s, lambda frames, s=s: self._on_message(s, frames), 10_000)
                 self.watching = False
+        self.shm = info.shm_store()
 
     def _loop(self) -> int:
         poller = zmq.Poller()
@@ -370,6 +372,12 @@ class Engine:
         try:
             content = loads(rest[3])
             buffers = rest[4:]
+            inputs = None
+            if content.get("shm"):
+                if self.shm is None:
+                    raise ProtocolError("a shared-memory buffer reached an engine without one")
+                buffers = self.shm.open(buffers, content["shm"])
+                inputs = {r[3]: (r[1], r[2]) for r in content["shm"]}
             nfn = content["nfn"]
             fn = self._fn(content["fn"], buffers[:nfn])
             args = serialize.loads(buffers[nfn:])
@@ -381,6 +389,10 @@ class Engine:
             try:
                 frames = serialize.dumps(result)
                 reply = {"status": "ok"}
+                if self.shm is not None and len(frames) > 1:
+                    refs = self.shm.export(frames, 0, reuse=inputs)
+                    if refs:
+                        reply["shm"] = refs
             except BaseException as e:  # noqa: BLE001 - an unpicklable result fails its task only
                 note = f"zexec: the result of type {type(result).__name__} could not be pickled"
                 if hasattr(e, "add_note"):
@@ -414,6 +426,8 @@ class Engine:
         if isinstance(reply_to, str):
             idents = [reply_to.encode()]  # the client's receiving socket
         extra = {"parent_id": header.get("msg_id"), "status": content["status"], "engine": self.id}
+        if "shm" in content:
+            extra["shm"] = True  # the client must read this reply's content
         if started is not None:
             extra.update(started=started, completed=completed, elapsed=completed - started)
         msg = self.session.pack("apply_reply", content, parent=parent, idents=idents,
