@@ -119,3 +119,7 @@ def double(a):
 def add_one_inplace(a):
     a += 1
     return a
+
+
+def init_fail():
+    raise ValueError("error in initializer")

@@ -216,3 +216,22 @@ def test_queued_tasks_fail_when_no_engine_is_left(no_leaks, tmp_path):
             with pytest.raises((EngineDiedError, NoEnginesError)):
                 f.result(30)
         assert ex.engines == []
+
+
+def test_failing_initializer_breaks_the_executor(no_leaks):
+    # CPython's contract: the executor is created; then it is broken, submit() raises
+    # BrokenExecutor (or its futures fail with it), and nothing hangs
+    ex = ZmqExecutor(max_workers=2, initializer=tasks.init_fail)
+    try:
+        try:
+            f = ex.submit(tasks.mul, 1, 1)
+        except cf.BrokenExecutor:
+            pass
+        else:
+            with pytest.raises(cf.BrokenExecutor):
+                f.result(30)
+        wait_until(lambda: ex._broken, 30, what="executor to be broken")
+        with pytest.raises(cf.BrokenExecutor, match="initializer"):
+            ex.submit(tasks.mul, 1, 1)
+    finally:
+        ex.shutdown()

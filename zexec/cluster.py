@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 from . import executor as _executor
 from .connection import ConnectionInfo, allocate, new_curve_keys, new_key
-from .errors import ClusterStartError
+from .errors import ClusterStartError, InitializerError
 from .executor import ZmqExecutor
 from .protocol import Signer
 
@@ -138,6 +138,11 @@ class LocalCluster:
         for name, p in self.procs.items():
             rc = p.poll()
             if rc is not None:
+                tail = _tail(self.logs[name], 200)
+                if "initializer failed" in tail:
+                    raise InitializerError(
+                        f"the engines' initializer failed; the end of {self.logs[name]}:\n"
+                        + "\n".join(tail.splitlines()[-20:]))
                 raise ClusterStartError(
                     f"the {name} process exited with {rc}; the end of {self.logs[name]}:\n"
                     + _tail(self.logs[name]))

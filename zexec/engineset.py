@@ -29,6 +29,8 @@ log = logging.getLogger("zexec.engineset")
 #: engines that die this young this many times in a row stop the replacing
 CRASH_LOOP_AGE = 2.0
 CRASH_LOOP_COUNT = 5
+#: an engine's exit code when its initializer raised (Engine.run)
+INITIALIZER_FAILED = 5
 #: with no hub_beat for this long (before the first / after one), the engines stop
 HUB_FIRST = 30.0
 HUB_LOST = 10.0
@@ -177,6 +179,11 @@ class EngineSet:
             hub.send_multipart(self.session.pack(
                 "engine_exit", {"launcher": self.id, "pid": pid, "exitcode": rc}))
             if stop["flag"] or not self.replace:
+                continue
+            if rc == INITIALIZER_FAILED:
+                # a failing initializer fails in every engine: the pool is broken
+                log.error("an engine's initializer failed: not replacing engines")
+                self.replace = False
                 continue
             self.young_deaths = self.young_deaths + 1 if time.monotonic() - born < CRASH_LOOP_AGE and rc != 0 else 0
             if self.young_deaths >= CRASH_LOOP_COUNT:

@@ -95,3 +95,7 @@ class ClusterLostError(ZexecError, BrokenExecutor):
 
 class ClusterStartError(ZexecError):
     """A LocalCluster could not start; the message quotes the failing process's log."""
+
+
+class InitializerError(ClusterStartError, BrokenProcessPool):
+    """The engines' initializer failed: like ProcessPoolExecutor, the pool is broken."""

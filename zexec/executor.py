@@ -11,7 +11,7 @@ import itertools
 import os
 import threading
 import time
-from concurrent.futures import Executor, Future
+from concurrent.futures import BrokenExecutor, Executor, Future
 from typing import Any, Callable, Iterable, Iterator
 
 from .client import Client, cancel_all
@@ -30,6 +30,11 @@ class _ExecutorBase(Executor):
         self._shutdown = False
         self._shutdown_lock = threading.Lock()
         self._pending: set[Future] = set()
+
+    @property
+    def _broken(self):
+        """The reason this executor can no longer serve, or False (as in the stdlib)."""
+        return self._client._broken or False
 
     def _track(self, fut: Future) -> Future:
         if not fut.done():
@@ -132,6 +137,10 @@ class ZmqExecutor(_ExecutorBase):
                 raise
             try:
                 self._cluster.wait_for_engines(client)
+            except BrokenExecutor as e:
+                # as ProcessPoolExecutor does for a failing initializer: the executor
+                # exists, but is broken: submit() raises and nothing waits forever
+                client._break(e)
             except BaseException:
                 client.close()
                 self._cluster.stop()
