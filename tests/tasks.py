@@ -123,3 +123,14 @@ def add_one_inplace(a):
 
 def init_fail():
     raise ValueError("error in initializer")
+
+
+class Counter:
+    """A callable object with state."""
+
+    def __init__(self):
+        self.n = 0
+
+    def __call__(self):
+        self.n += 1
+        return self.n

@@ -53,3 +53,13 @@ def test_tampered_buffer_file_is_rejected(tmp_path):
         store.open(frames, refs)
     with pytest.raises(ProtocolError, match="malformed"):
         store.open(frames, [[1, "../../etc/passwd", 10, "00"]])
+
+
+def test_full_shared_memory_falls_back_to_sockets(tmp_path):
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_bytes(b"")
+    store = ShmStore(str(not_a_dir))  # every write fails, as on a full tmpfs
+    data = np.arange(1 << 18, dtype=np.float64)
+    frames = [b"stream", memoryview(data).cast("B")]
+    assert store.export(frames, 1) == []
+    assert bytes(frames[1]) == data.tobytes()  # untouched: it goes as a frame

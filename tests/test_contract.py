@@ -230,3 +230,25 @@ def test_context_manager(cluster):
     assert f.result(0) == 8
     with pytest.raises(RuntimeError):
         ex.submit(pow, 1, 1)
+
+
+def test_map_timeout_cancels_the_waited_future(executor, tmp_path):
+    release, ran = str(tmp_path / "release"), str(tmp_path / "ran")
+    if isinstance(executor, ZmqExecutor) and len(executor.engines) > 1:
+        pytest.skip("needs the tasks queued behind one another")
+    blocker = executor.submit(tasks.wait_for_file, release)
+    it = executor.map(tasks.touch, [ran], timeout=0.3)
+    with pytest.raises(TimeoutError):
+        next(it)
+    open(release, "w").close()
+    blocker.result(30)
+    executor.submit(tasks.identity, 1).result(30)
+    assert not os.path.exists(ran)
+
+
+def test_callable_objects_are_pickled_per_submit(executor):
+    c = tasks.Counter()
+    assert executor.submit(c).result(30) == 1
+    assert executor.submit(c).result(30) == 1  # a fresh copy each time, as in a process pool
+    c.n = 10
+    assert executor.submit(c).result(30) == 11

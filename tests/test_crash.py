@@ -168,12 +168,13 @@ def test_client_sigkilled_leaves_nothing(no_leaks, tmp_path):
         "import os, sys, zexec\n"
         "c = zexec.LocalCluster(2)\n"
         "ex = c.__enter__()\n"
-        "print(os.getpid(), flush=True)\n"
+        "print(os.getpid(), c.dir, c.shm_dir, flush=True)\n"
         "sys.stdin.read()\n")
     p = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                          text=True)
     try:
-        p.stdout.readline()
+        dirs = [d for d in p.stdout.readline().split()[1:] if d != "None"]
+        assert dirs and all(os.path.isdir(d) for d in dirs)
         tree = psutil.Process(p.pid).children(recursive=True)
         assert len(tree) >= 2 + 6 + 2
         t0 = time.monotonic()
@@ -182,6 +183,8 @@ def test_client_sigkilled_leaves_nothing(no_leaks, tmp_path):
         gone, alive = psutil.wait_procs(tree, timeout=15)
         assert not alive, [(q.pid, q.cmdline()) for q in alive]
         assert time.monotonic() - t0 < 15
+        # the key and the buffers go with it: the controller removes the cluster's dirs
+        wait_until(lambda: not any(os.path.exists(d) for d in dirs), 5, what="cluster dirs removed")
     finally:
         if p.poll() is None:
             p.kill()

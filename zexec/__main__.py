@@ -33,7 +33,7 @@ def _controller(args) -> int:
         info.write(args.connection_file)
     path = os.path.abspath(args.connection_file)
     return supervisor.run(info, hwm=args.hwm, parent_pid=args.parent_pid,
-                          no_engine_timeout=args.no_engine_timeout,
+                          no_engine_timeout=args.no_engine_timeout, cleanup=tuple(args.cleanup),
                           ready_message=f"zexec controller running; connection file: {path}")
 
 
@@ -121,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="fail queued load-balanced tasks after this many seconds without any engine (default 30)")
     c.add_argument("--reuse", action="store_true", help="use the connection file as it is (key and addresses)")
     c.add_argument("--parent-pid", type=int, default=0, help=argparse.SUPPRESS)
+    c.add_argument("--cleanup", action="append", default=[], help=argparse.SUPPRESS)
     c.set_defaults(func=_controller)
 
     e = sub.add_parser("engine", help="start engines that join a controller")

@@ -27,6 +27,7 @@ import os
 import sys
 import threading
 import time
+import types
 import weakref
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -49,6 +50,7 @@ PROBE_TIMEOUT = 4.0
 FN_CACHE_SIZE = 128
 
 _clients: "weakref.WeakSet[Client]" = weakref.WeakSet()
+_CACHEABLE = (types.FunctionType, types.BuiltinFunctionType)
 
 
 @atexit.register
@@ -121,6 +123,8 @@ class Client:
         self._outbox: collections.deque = collections.deque()
         self._requests: dict[str, Future] = {}
         self._abort_waits: dict[str, _Verdicts] = {}
+        self._direct_frames: dict[str, list] = {}
+        self._lost_tries: dict[str, int] = {}
         self._draining: dict[int, tuple] = {}
         self._engines: dict[int, dict] = {}
         self._dead: dict[int, dict] = {}
@@ -214,7 +218,14 @@ class Client:
             raise RuntimeError("cannot schedule new futures after the client was closed")
 
     def _pack_fn(self, fn: Callable) -> tuple[str, list]:
-        """Pickle each function once per client; engines cache it by its key."""
+        """Pickle each function once per client; engines cache it by its key.
+
+        Only plain functions: a callable object (or partial, or bound method) carries
+        state that may change between submits, so it is pickled every time and
+        unpickled afresh for each task (key ""), as ProcessPoolExecutor would.
+        """
+        if not isinstance(fn, _CACHEABLE):
+            return "", serialize.dumps(fn)
         entry = self._fn_cache.get(id(fn))
         if entry is not None and entry[0] is fn:
             return entry[1], entry[2]
@@ -247,11 +258,7 @@ class Client:
             content["chunk"] = True
         buffers = [*fn_frames, *arg_frames]
         if self.shm is not None and len(arg_frames) > 1:
-            try:
-                refs = self.shm.export(buffers, len(fn_frames))
-            except OSError as e:  # tmpfs full: this future fails, with the reason
-                fut.set_exception(e)
-                return fut
+            refs = self.shm.export(buffers, len(fn_frames))  # [] when tmpfs is full
             if refs:
                 content["shm"] = refs
                 names = [r[1] for r in refs]
@@ -272,6 +279,8 @@ class Client:
             sock, idents = self.mux_send, (info["uuid"].encode(),)
         frames = self.session.pack("apply_request", content, header=header,
                                    buffers=buffers, idents=idents)
+        if target is not None:
+            self._direct_frames[msg_id] = frames  # to resend if the MUX device loses it
         with self._send_lock:
             if self._broken is not None or self._closing:
                 futures.pop(msg_id, None)
@@ -406,7 +415,8 @@ class Client:
                 if self._draining:
                     now = time.monotonic()
                     for eid, (deadline, info) in list(self._draining.items()):
-                        if now > deadline or not any(t == eid for _, t in self._futures.values()):
+                        # a snapshot: user threads add futures while we look
+                        if now > deadline or not any(t == eid for _, t in list(self._futures.values())):
                             del self._draining[eid]
                             self._fail_engine_tasks(eid, info)
         except Exception as e:  # noqa: BLE001 - never leave futures hanging on a bug here
@@ -467,9 +477,15 @@ class Client:
         except (ProtocolError, ValueError, UnicodeDecodeError) as e:
             self._bad("reply", str(e))
             return
+        if header.get("msg_type") == "resend_reply":
+            for msg_id in content.get("missing", ()):
+                self._forget(msg_id, ZexecError("the reply of this task was lost in the MUX device "
+                                                "and its engine no longer has it"))
+            return
         if header.get("msg_type") == "abort_reply":
             for msg_id in content.get("aborted", ()):
                 entry = self._futures.pop(msg_id, None)
+                self._direct_frames.pop(msg_id, None)
                 if entry is not None:
                     # cancel here, not only in the waiting thread: a verdict that comes
                     # after its wait timed out must still settle the future
@@ -483,6 +499,13 @@ class Client:
                     w.decide(msg_id, False)
             return
         entry = self._futures.pop(header.get("parent_id"), None)
+        if self._direct_frames:
+            self._direct_frames.pop(header.get("parent_id"), None)
+            self._lost_tries.pop(header.get("parent_id"), None)
+        if self._abort_waits:
+            w = self._abort_waits.pop(header.get("parent_id"), None)
+            if w is not None:
+                w.decide(header.get("parent_id"), False)  # it ran: too late to cancel
         if entry is None:
             return  # cancelled, or already failed with its engine
         fut = entry[0]
@@ -564,11 +587,35 @@ class Client:
         elif kind == "hub_beat":
             self._sync_engines(c.get("engines", {}))
         elif kind == "lost_message":
-            entry = self._futures.pop(c.get("msg_id"), None)
-            if entry is not None:
-                _fail(entry[0], ZexecError(
-                    f"the request or reply of this task was lost: a malformed message sent to "
-                    f"the {c.get('device')} device by another peer was merged with it"))
+            self._recover_lost(str(c.get("msg_id")), str(c.get("device")))
+
+    def _recover_lost(self, msg_id: str, device: str) -> None:
+        """The MUX device dropped our request or its reply (merged with another peer's
+        malformed message): send the request again, or ask the engine for its reply."""
+        entry = self._futures.get(msg_id)
+        frames = self._direct_frames.get(msg_id)
+        if entry is None or entry[1] not in self._engines:
+            return
+        tries = self._lost_tries.get(msg_id, 0) + 1
+        self._lost_tries[msg_id] = tries
+        if tries <= 3 and device == "mux_in" and frames is not None:
+            log.warning("request %s lost in the MUX device: sending it again", msg_id)
+            wire.send_frames(self.mux, frames)  # never reached the engine: safe to resend
+        elif tries <= 3 and device == "mux_out":
+            log.warning("reply to %s lost in the MUX device: asking engine %s again", msg_id, entry[1])
+            uuid = self._engines[entry[1]]["uuid"].encode()
+            wire.send_frames(self.mux, self.session.pack(
+                "resend_request", {"msg_ids": [msg_id]}, idents=[uuid], reply_to=self.reply_to))
+        else:
+            self._forget(msg_id, ZexecError(f"the request or reply of this task was lost in the "
+                                            f"{device} device and could not be recovered"))
+
+    def _forget(self, msg_id: str, exc: BaseException) -> None:
+        entry = self._futures.pop(msg_id, None)
+        self._direct_frames.pop(msg_id, None)
+        self._lost_tries.pop(msg_id, None)
+        if entry is not None:
+            _fail(entry[0], exc)
 
     def _sync_engines(self, live: dict) -> None:
         for info in live.values():
@@ -602,6 +649,7 @@ class Client:
         for msg_id, (fut, target) in list(self._futures.items()):
             if target == eid:
                 del self._futures[msg_id]
+                self._direct_frames.pop(msg_id, None)
                 w = self._abort_waits.pop(msg_id, None)
                 if w is not None:
                     w.decide(msg_id, False)
@@ -620,8 +668,11 @@ class Client:
         with self._cond:
             self._cond.notify_all()
         futures, self._futures = self._futures, {}
-        for fut, _ in futures.values():
+        # a user thread that read the old dict may still add to it: it then sees
+        # _broken/_closing under the send lock and fails its own future
+        for fut, _ in list(futures.values()):
             _fail(fut, exc)
+        self._direct_frames = {}
         waits, self._abort_waits = self._abort_waits, {}
         for msg_id, w in waits.items():
             w.decide(msg_id, False)

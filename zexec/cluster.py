@@ -93,7 +93,9 @@ class LocalCluster:
         env.setdefault("PYTHONUNBUFFERED", "1")
         py = [sys.executable, "-m", "zexec"]
         common = ["--connection-file", self.connection_file, "--parent-pid", str(os.getpid())]
-        ctl = [*py, "controller", "--reuse", *common]
+        ctl = [*py, "controller", "--reuse", *common, "--cleanup", self.dir]
+        if self.shm_dir:
+            ctl += ["--cleanup", self.shm_dir]
         if self.hwm:
             ctl += ["--hwm", str(self.hwm)]
         ctl += ["--no-engine-timeout", str(self.no_engine_timeout)]
@@ -198,7 +200,10 @@ class LocalCluster:
     def __exit__(self, *exc: Any) -> None:
         try:
             if self._executor is not None:
-                self._executor.shutdown(wait=exc[0] is None, cancel_futures=exc[0] is not None)
+                if exc[0] is None:
+                    self._executor.shutdown(wait=True)
+                else:
+                    self._executor._abandon()
         finally:
             self._executor = None
             self.stop()

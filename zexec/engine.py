@@ -38,6 +38,9 @@ from .protocol import RateLimitedLog, Session, loads, split_idents
 log = logging.getLogger("zexec.engine")
 
 FN_CACHE_SIZE = 256
+#: direct replies kept for resending, and the largest kept
+RECENT_REPLIES = 256
+RECENT_MAX_BYTES = 1 << 20
 #: a task running longer than this has its sockets read by the watcher thread
 WATCH_AFTER = 0.01
 
@@ -80,6 +83,7 @@ class Engine:
         self.current: tuple | None = None
         self.watching = False
         self.shm = info.shm_store()
+        self.recent: collections.OrderedDict = collections.OrderedDict()
         self._captures = (_Capture("stdout", sys.stdout), _Capture("stderr", sys.stderr))
         self.sock_lock = threading.Lock()
         self.bad = RateLimitedLog(log)
@@ -258,7 +262,6 @@ class Engine:
                         else:
                             wire.drain(s, lambda frames, s=s: self._on_message(s, frames), 10_000)
                 self.watching = False
-        self.shm = info.shm_store()
 
     def _loop(self) -> int:
         poller = zmq.Poller()
@@ -286,6 +289,8 @@ class Engine:
                     continue
                 sock, idents, rest, header = queue.popleft()
                 self._run_task(sock, idents, rest, header)
+                if sock is not self.task_sock:
+                    continue  # max_tasks_per_child counts load-balanced tasks, as the scheduler does
                 self.tasks_done += 1
                 if self.max_tasks and self.tasks_done >= self.max_tasks:
                     log.info("engine %d recycled after %d tasks", self.id, self.tasks_done)
@@ -315,6 +320,8 @@ class Engine:
                 self.bad("malformed abort_request")
                 return
             self._abort(sock, idents, rest[1], header, ids)
+        elif kind == "resend_request" and sock is self.mux:
+            self._resend(idents, rest[1], header, loads(rest[3]).get("msg_ids", ()))
         elif kind == "shutdown_request" and sock is self.control:
             log.info("engine %d: shutdown requested", self.id)
             self.stopping = True
@@ -348,6 +355,8 @@ class Engine:
 
     # -- tasks ---------------------------------------------------------------------------
     def _fn(self, key: str, frames: list):
+        if not key:
+            return serialize.loads(frames)  # a callable object: fresh for every task
         fn = self.fn_cache.get(key)
         if fn is None:
             fn = serialize.loads(frames)
@@ -421,6 +430,22 @@ class Engine:
                     idents=[topic]))
         self._reply(sock, idents, rest[1], header, reply, frames, started, completed)
 
+    def _resend(self, idents, parent, header, ids) -> None:
+        """Send again replies the MUX device lost (see Client._recover_lost)."""
+        missing = []
+        for msg_id in ids:
+            frames = self.recent.get(msg_id)
+            if frames is None:
+                missing.append(msg_id)
+            else:
+                wire.send_frames(self.mux, frames)
+        if missing:
+            reply_to = header.get("reply_to")
+            if isinstance(reply_to, str):
+                idents = [reply_to.encode()]
+            wire.send_frames(self.mux, self.session.pack(
+                "resend_reply", {"missing": missing}, parent=parent, idents=idents))
+
     def _reply(self, sock, idents, parent, header, content, frames, started, completed) -> None:
         reply_to = header.get("reply_to")
         if isinstance(reply_to, str):
@@ -433,6 +458,12 @@ class Engine:
         msg = self.session.pack("apply_reply", content, parent=parent, idents=idents,
                                 buffers=frames, **extra)
         wire.send_frames(sock, msg)
+        if sock is self.mux and sum(len(f) if isinstance(f, bytes) else memoryview(f).nbytes
+                                    for f in frames) < RECENT_MAX_BYTES:
+            # kept a while: the MUX device may lose it (see Client._recover_lost)
+            self.recent[header.get("msg_id")] = msg
+            if len(self.recent) > RECENT_REPLIES:
+                self.recent.popitem(last=False)
 
 
 def main(info: ConnectionInfo, **kwargs) -> int:

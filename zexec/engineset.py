@@ -202,7 +202,7 @@ class EngineSet:
         c = msg.content
         pid = c.get("pid")
         if (msg.header["msg_type"] == "unregistration" and c.get("launcher") == self.id
-                and pid in self.children):
+                and pid in self.children and c.get("exitcode") != 0):
             # declared dead but still here (hung, stopped): make it so
             try:
                 os.kill(pid, signal.SIGKILL)

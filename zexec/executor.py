@@ -7,9 +7,11 @@ order, lazily, with a deadline; ``shutdown`` follows the stdlib contract.
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import os
 import threading
+import weakref
 import time
 from concurrent.futures import BrokenExecutor, Executor, Future
 from typing import Any, Callable, Iterable, Iterator
@@ -19,6 +21,17 @@ from .errors import ClusterStartError
 
 #: set by zexec.cluster at import: builds the LocalCluster a ZmqExecutor owns
 _cluster_factory: Callable[..., Any] | None = None
+
+#: executors not shut down yet: at interpreter exit they finish their work first
+_live: "weakref.WeakSet[ZmqExecutor]" = weakref.WeakSet()
+
+
+@atexit.register
+def _python_exit() -> None:
+    # like ProcessPoolExecutor: pending work completes before the interpreter exits
+    # (registered after zexec.client's hook, so it runs before the clients close)
+    for ex in list(_live):
+        ex.shutdown(wait=True)
 
 
 class _ExecutorBase(Executor):
@@ -79,6 +92,9 @@ class _ExecutorBase(Executor):
                             result = fut.result()
                         else:
                             result = fut.result(end_time - time.monotonic())
+                    except BaseException:
+                        fs.append(fut)  # cancelled below with the rest, as the stdlib does
+                        raise
                     finally:
                         del fut
                     if chunksize == 1:
@@ -155,6 +171,8 @@ class ZmqExecutor(_ExecutorBase):
             client = Client(connection, timeout=timeout, forward_output=forward_output)
         self._owns_client = not isinstance(connection, Client)
         self._max_workers = max_workers
+        self._stopped = threading.Event()
+        _live.add(self)
         self._init_base(client, retries)
         self._views: dict[int, DirectView] = {}
 
@@ -189,28 +207,45 @@ class ZmqExecutor(_ExecutorBase):
         with self._shutdown_lock:
             first = not self._shutdown
             self._shutdown = True
-        if not first and not wait:
-            return
         pending = self._wait_pending(cancel_futures)
         for view in list(self._views.values()):
             pending += view._wait_pending(cancel_futures)
             view._shutdown = True
+        if first:
+            _live.discard(self)
 
-        def finish() -> None:
-            for fut in pending:
+            def finish() -> None:
                 try:
-                    fut.exception()
-                except BaseException:  # noqa: BLE001 - cancelled: nothing to wait for
-                    pass
-            if self._owns_client:
-                self._client.close()
-            if self._cluster is not None:
-                self._cluster.stop()
+                    for fut in pending:
+                        try:
+                            fut.exception()
+                        except BaseException:  # noqa: BLE001 - cancelled: nothing to wait for
+                            pass
+                    if self._owns_client:
+                        self._client.close()
+                    if self._cluster is not None:
+                        self._cluster.stop()
+                finally:
+                    self._stopped.set()
 
+            if wait:
+                finish()
+            else:
+                threading.Thread(target=finish, name="zexec-shutdown").start()
         if wait:
-            finish()
-        elif first:
-            threading.Thread(target=finish, name="zexec-shutdown").start()
+            self._stopped.wait()  # a second caller waits for the first one's teardown
+
+    def _abandon(self) -> None:
+        """Leave at once (an exception is unwinding): cancel what waits, fail the rest."""
+        with self._shutdown_lock:
+            self._shutdown = True
+        _live.discard(self)
+        self._wait_pending(True)
+        if self._owns_client:
+            self._client.close()  # fails whatever still runs: nothing is left pending
+        if self._cluster is not None:
+            self._cluster.stop()
+        self._stopped.set()
 
     shutdown.__doc__ = Executor.shutdown.__doc__
 

@@ -243,6 +243,7 @@ class Session:
                 sig = head
             else:
                 ok = hmac.compare_digest(full, self.signer.sign(rest[1:]))
+                sig = full  # the replay guard keys on what was checked, not on extra bytes
             if not ok:
                 raise ProtocolError("bad signature")
             if self.guard is not None and not self.guard.check(sig):

@@ -11,6 +11,7 @@ data stays covered by the message's HMAC through the signed digest.
 
 from __future__ import annotations
 
+import logging
 import mmap
 import os
 import re
@@ -21,6 +22,7 @@ from .errors import ProtocolError
 from .protocol import BIG_FRAME, big_digest
 
 THRESHOLD = BIG_FRAME
+log = logging.getLogger("zexec.shm")
 _NAME = re.compile(r"^[0-9a-f]{32}$")
 
 
@@ -39,36 +41,48 @@ class ShmStore:
 
         Each ref is ``[index, name, size, digest]``; the frame at ``index`` becomes empty.
         ``reuse`` maps digests of files already there (a task's own input) to their
-        names: a buffer that comes back unchanged is not written again.
+        names: a buffer that comes back unchanged is not written again.  When the
+        directory is full, nothing is moved and [] comes back: the frames then travel
+        through the sockets as usual.
         """
-        refs = []
-        for i in range(start, len(frames)):
-            f = frames[i]
-            n = _nbytes(f)
-            if n < THRESHOLD:
-                continue
-            view = memoryview(f).cast("B") if not isinstance(f, bytes) else memoryview(f)
-            if reuse:
-                digest = big_digest(view).hex()
-                same = reuse.get(digest)
-                if same is not None and same[1] == n:
-                    refs.append([i, same[0], n, digest])
-                    frames[i] = b""
+        refs, created, originals = [], [], {}
+        try:
+            for i in range(start, len(frames)):
+                f = frames[i]
+                n = _nbytes(f)
+                if n < THRESHOLD:
                     continue
-            name = uuid.uuid4().hex
-            path = os.path.join(self.directory, name)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                with os.fdopen(fd, "wb", buffering=0) as out:
-                    written = 0
-                    while written < n:
-                        written += out.write(view[written:])
-            except BaseException:
-                self.unlink([name])
-                raise
-            refs.append([i, name, n, big_digest(view).hex()])
-            frames[i] = b""
+                view = memoryview(f).cast("B") if not isinstance(f, bytes) else memoryview(f)
+                digest = big_digest(view).hex()
+                same = reuse.get(digest) if reuse else None
+                if same is not None and same[1] == n:
+                    name = same[0]
+                else:
+                    name = uuid.uuid4().hex
+                    self._write(name, view, n)
+                    created.append(name)
+                refs.append([i, name, n, digest])
+                originals[i] = f
+                frames[i] = b""
+        except OSError as e:
+            for i, f in originals.items():
+                frames[i] = f
+            self.unlink(created)
+            log.warning("shared memory unavailable (%s): sending buffers through the sockets", e)
+            return []
         return refs
+
+    def _write(self, name: str, view: memoryview, n: int) -> None:
+        path = os.path.join(self.directory, name)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "wb", buffering=0) as out:
+                written = 0
+                while written < n:
+                    written += out.write(view[written:])
+        except BaseException:
+            self.unlink([name])
+            raise
 
     def open(self, frames: list, refs: Sequence, unlink: bool = False,
              trusted: dict | None = None) -> list:

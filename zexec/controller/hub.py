@@ -265,23 +265,32 @@ class Hub:
 
     # -- monitor (copies of scheduler traffic) -------------------------------------------
     def _on_monitor(self, frames: list) -> None:
+        # copies of whatever anyone sent to the devices: untrusted, so nothing in them
+        # may raise out of here (a dead hub is a dead controller)
         try:
-            prefix = frames[0].bytes
-            if prefix == b"task":
-                self._task_records(loads(frames[1]))
-                return
-            idents, rest = split_idents(frames[1:])
-            header = loads(rest[1])
-        except (ProtocolError, ValueError, IndexError, TypeError, UnicodeDecodeError) as e:
-            self.bad("monitor", str(e))
+            self._monitor_copy(frames)
+        except (ProtocolError, ValueError, IndexError, TypeError, KeyError, AttributeError,
+                UnicodeDecodeError) as e:
+            self.bad("monitor", repr(e))
+
+    def _monitor_copy(self, frames: list) -> None:
+        prefix = frames[0].bytes
+        if prefix == b"task":
+            self._task_records(loads(frames[1]))
             return
+        idents, rest = split_idents(frames[1:])
+        header = loads(rest[1])
+        if not isinstance(header, dict):
+            raise ValueError("header is not an object")
         kind = header.get("msg_type")
         if len(idents) != 2:
             # the C device glued a message onto a malformed one (fewer than 3 frames)
-            # and routed both to nowhere: tell the owner of the lost message
+            # and routed both to nowhere; if the lost one is genuine (signed), tell
+            # its owner, whose future would otherwise wait forever
             lost = header.get("msg_id") if prefix.endswith(b"_in") else header.get("parent_id")
             self.bad("malformed message on a device", f"{prefix.decode()} lost {lost}")
             if isinstance(lost, str):
+                Session(self.info.key_bytes, check_replay=False).verify(rest)
                 self._publish("lost_message", {"msg_id": lost, "device": prefix.decode()})
             return
         if prefix == b"mux_in" and kind == "apply_request":

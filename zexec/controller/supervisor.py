@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import sys
 import time
@@ -63,11 +64,23 @@ def _fork_part(name: str, info: ConnectionInfo, hwm: int | None, no_engine_timeo
 
 
 def run(info: ConnectionInfo, hwm: int | None = None, parent_pid: int = 0,
-        ready_message: str | None = None, no_engine_timeout: float = 30.0) -> int:
-    """Run the controller until a signal or a part's death; returns the exit code."""
+        ready_message: str | None = None, no_engine_timeout: float = 30.0,
+        cleanup: tuple = ()) -> int:
+    """Run the controller until a signal or a part's death; returns the exit code.
+
+    ``cleanup`` names directories (a LocalCluster's key and buffers) to remove when
+    the parent dies without stopping us: nobody else is left to do it.
+    """
     setup_logging()
+    children: dict = {}
+
+    def orphaned() -> None:
+        _stop_children(dict(children), timeout=1.0)
+        for d in cleanup:
+            shutil.rmtree(d, ignore_errors=True)
+
     if parent_pid:
-        watch_parent(parent_pid)
+        watch_parent(parent_pid, on_death=orphaned)
     class _Stop(Exception):
         pass
 
@@ -76,7 +89,8 @@ def run(info: ConnectionInfo, hwm: int | None = None, parent_pid: int = 0,
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    children = {_fork_part(name, info, hwm, no_engine_timeout): name for name in PARTS}
+    for name in PARTS:
+        children[_fork_part(name, info, hwm, no_engine_timeout)] = name
     log.info("controller up: %s", ", ".join(f"{n}={p}" for p, n in children.items()))
     if ready_message:
         print(ready_message, flush=True)
@@ -102,6 +116,8 @@ def run(info: ConnectionInfo, hwm: int | None = None, parent_pid: int = 0,
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _stop_children(children)
+    if parent_pid and os.getppid() != parent_pid:
+        orphaned()  # stopped by the kernel's parent-death signal: clean up for the parent
     return code
 
 

@@ -78,6 +78,7 @@ class TaskScheduler:
         self.fixed_hwm = hwm
         self.engines: dict[bytes, _Engine] = {}
         self.draining: dict[bytes, tuple] = {}
+        self.unreachable: dict[bytes, float] = {}
         self.no_engines_since: float | None = None
         self.no_engine_timeout = no_engine_timeout
         self.order: list[bytes] = []
@@ -220,6 +221,7 @@ class TaskScheduler:
             try:
                 for msg_id in loads(rest[3]).get("aborted", ()):
                     if eng.outstanding.pop(msg_id, None) is not None:
+                        eng.sent -= 1  # never ran: not one of its max_tasks
                         self.tasks.pop(msg_id, None)
                         self._done.append((msg_id, "aborted", None, None))
             except (ValueError, AttributeError, TypeError):
@@ -263,6 +265,13 @@ class TaskScheduler:
             if e.max_tasks is not None:
                 c = min(c, e.max_tasks - e.sent + len(e.outstanding))
             cap[u] = c
+        if self.unreachable:
+            mono = time.monotonic()
+            for u, until in list(self.unreachable.items()):
+                if mono >= until or u not in self.engines:
+                    del self.unreachable[u]
+                else:
+                    cap[u] = 0
         now = time.time()
         while queue:
             task = queue[0]
@@ -276,6 +285,7 @@ class TaskScheduler:
             eng = self.engines[euuid]
             if not self._send_engine([euuid, *task.idents, DELIM, *task.rest]):
                 queue.appendleft(task)
+                cap[euuid] = 0
                 continue
             self.rr = (self.order.index(euuid) + 1) % len(self.order)
             task.engine = euuid
@@ -295,8 +305,9 @@ class TaskScheduler:
             if e.errno != zmq.EHOSTUNREACH:
                 raise
             euuid = frames[0]
-            log.warning("engine %r unreachable; routing around it", euuid)
-            self._remove_from_routing(euuid)
+            log.warning("engine %r unreachable; routing around it for a second", euuid)
+            # its connection is down: the hub declares it dead if it is, else it is back
+            self.unreachable[euuid] = time.monotonic() + 1.0
             return False
 
     def _remove_from_routing(self, euuid: bytes) -> None:
