@@ -234,14 +234,17 @@ def test_context_manager(cluster):
 
 def test_map_timeout_cancels_the_waited_future(executor, tmp_path):
     release, ran = str(tmp_path / "release"), str(tmp_path / "ran")
-    if isinstance(executor, ZmqExecutor) and len(executor.engines) > 1:
-        pytest.skip("needs the tasks queued behind one another")
-    blocker = executor.submit(tasks.wait_for_file, release)
-    it = executor.map(tasks.touch, [ran], timeout=0.3)
-    with pytest.raises(TimeoutError):
-        next(it)
-    open(release, "w").close()
-    blocker.result(30)
+    # every engine busy, with more waiting than the scheduler hands out per engine
+    n = len(executor.engines) * 20 if isinstance(executor, ZmqExecutor) else 1
+    blockers = [executor.submit(tasks.wait_for_file, release) for _ in range(n)]
+    try:
+        it = executor.map(tasks.touch, [ran], timeout=0.3)
+        with pytest.raises(TimeoutError):
+            next(it)
+    finally:
+        open(release, "w").close()
+    for b in blockers:
+        b.result(30)
     executor.submit(tasks.identity, 1).result(30)
     assert not os.path.exists(ran)
 
