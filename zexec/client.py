@@ -31,7 +31,6 @@ import types
 import weakref
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from concurrent.futures._base import PENDING
 from typing import Any, Callable
 
 import zmq
@@ -39,6 +38,8 @@ import zmq
 from . import serialize, wire
 from .connection import ConnectionInfo, secure
 from .errors import ClusterLostError, EngineDiedError, NoEnginesError, ProtocolError, ZexecError
+from .futures import Verdicts, ZFuture
+from .futures import fail as _fail
 from .protocol import RateLimitedLog, Session, loads, split_idents
 
 log = logging.getLogger("zexec.client")
@@ -59,56 +60,6 @@ def _close_all() -> None:
         c.close()
 
 
-class ZFuture(Future):
-    """A Future whose ``cancel()`` drops the task wherever it waits, or fails.
-
-    A PENDING task may already have reached an engine that is about to start it, so
-    ``cancel()`` asks (the scheduler, or the engine, behind the task on the same pipe)
-    and returns True only if the task was dropped: a cancelled task never runs.
-    """
-
-    def cancel(self) -> bool:
-        return bool(cancel_all([self]))
-
-
-def cancel_all(futures: list) -> list:
-    """Cancel many futures with one round trip per destination; returns those cancelled."""
-    by_client: dict = {}
-    done = []
-    for f in futures:
-        with f._condition:
-            pending = f._state == PENDING
-        client = getattr(f, "_zclient", None)
-        if pending and client is not None and not client._closing and client._broken is None:
-            by_client.setdefault(client, []).append(f)
-        elif Future.cancel(f):
-            done.append(f)
-    for client, fs in by_client.items():
-        verdict = client._abort_sync(fs)
-        for f in fs:
-            if verdict.get(f.msg_id) and Future.cancel(f):
-                done.append(f)
-    return done
-
-
-class _Verdicts:
-    """Collects abort outcomes (msg_id -> dropped?) until every id is decided."""
-
-    def __init__(self, ids) -> None:
-        self.remaining = set(ids)
-        self.result: dict[str, bool] = {}
-        self.event = threading.Event()
-        if not self.remaining:
-            self.event.set()
-
-    def decide(self, msg_id: str, ok: bool) -> None:
-        if msg_id in self.remaining:
-            self.remaining.discard(msg_id)
-            self.result[msg_id] = ok
-            if not self.remaining:
-                self.event.set()
-
-
 class Client:
     """A connection to one cluster, shared by its ZmqExecutor and DirectViews."""
 
@@ -122,7 +73,7 @@ class Client:
         self._futures: dict[str, tuple[Future, int | None]] = {}
         self._outbox: collections.deque = collections.deque()
         self._requests: dict[str, Future] = {}
-        self._abort_waits: dict[str, _Verdicts] = {}
+        self._abort_waits: dict[str, Verdicts] = {}
         self._direct_frames: dict[str, list] = {}
         self._lost_tries: dict[str, int] = {}
         self._draining: dict[int, tuple] = {}
@@ -304,7 +255,7 @@ class Client:
             # a done-callback cancelling: we cannot wait on ourselves, and dropping the
             # future locally could let its task run unseen, so report nothing dropped
             return {}
-        verdict = _Verdicts(f.msg_id for f in futures)
+        verdict = Verdicts(f.msg_id for f in futures)
         groups: dict = {}
         for f in futures:
             entry = self._futures.get(f.msg_id)
@@ -683,12 +634,3 @@ class Client:
         requests, self._requests = self._requests, {}
         for fut in requests.values():
             _fail(fut, exc)
-
-
-def _fail(fut: Future, exc: BaseException) -> None:
-    if fut.done():
-        return
-    try:
-        fut.set_exception(exc)
-    except Exception:  # noqa: BLE001 - InvalidStateError: resolved meanwhile
-        pass

@@ -16,7 +16,8 @@ import time
 from concurrent.futures import BrokenExecutor, Executor, Future
 from typing import Any, Callable, Iterable, Iterator
 
-from .client import Client, cancel_all
+from .client import Client
+from .futures import cancel_all
 from .errors import ClusterStartError
 
 #: set by zexec.cluster at import: builds the LocalCluster a ZmqExecutor owns

@@ -1,0 +1,72 @@
+"""Futures whose cancel() asks the cluster, and the bookkeeping of those questions.
+
+A PENDING task may already sit in an engine's queue or be about to start, so
+``cancel()`` cannot decide locally: it asks where the task waits (the task scheduler,
+or the engine behind the task on the same pipe) and returns True only if the task was
+dropped.  ``cancel_all`` asks for many futures with one message per destination.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future
+from concurrent.futures._base import PENDING
+
+
+class ZFuture(Future):
+    """A Future whose ``cancel()`` drops the task wherever it waits, or fails.
+
+    A PENDING task may already have reached an engine that is about to start it, so
+    ``cancel()`` asks (the scheduler, or the engine, behind the task on the same pipe)
+    and returns True only if the task was dropped: a cancelled task never runs.
+    """
+
+    def cancel(self) -> bool:
+        return bool(cancel_all([self]))
+
+
+def cancel_all(futures: list) -> list:
+    """Cancel many futures with one round trip per destination; returns those cancelled."""
+    by_client: dict = {}
+    done = []
+    for f in futures:
+        with f._condition:
+            pending = f._state == PENDING
+        client = getattr(f, "_zclient", None)
+        if pending and client is not None and not client._closing and client._broken is None:
+            by_client.setdefault(client, []).append(f)
+        elif Future.cancel(f):
+            done.append(f)
+    for client, fs in by_client.items():
+        verdict = client._abort_sync(fs)
+        for f in fs:
+            if verdict.get(f.msg_id) and Future.cancel(f):
+                done.append(f)
+    return done
+
+
+class Verdicts:
+    """Collects abort outcomes (msg_id -> dropped?) until every id is decided."""
+
+    def __init__(self, ids) -> None:
+        self.remaining = set(ids)
+        self.result: dict[str, bool] = {}
+        self.event = threading.Event()
+        if not self.remaining:
+            self.event.set()
+
+    def decide(self, msg_id: str, ok: bool) -> None:
+        if msg_id in self.remaining:
+            self.remaining.discard(msg_id)
+            self.result[msg_id] = ok
+            if not self.remaining:
+                self.event.set()
+
+
+def fail(fut: Future, exc: BaseException) -> None:
+    if fut.done():
+        return
+    try:
+        fut.set_exception(exc)
+    except Exception:  # noqa: BLE001 - InvalidStateError: resolved meanwhile
+        pass
