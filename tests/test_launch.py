@@ -23,6 +23,8 @@ import cloudpickle
 import psutil
 import pytest
 
+from conftest import wait_until
+
 from zexec import ZmqExecutor
 from zexec.connection import ConnectionInfo, new_key
 from zexec.launch import LaunchError, MPILauncher, SlurmLauncher, SSHLauncher
@@ -32,17 +34,6 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 PY = sys.executable
 TOKEN_VAR = "ZEXEC_TEST_TOKEN"
-
-
-def wait_until(pred, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)  # polling an event with a deadline
 
 
 def whoami() -> dict:
@@ -267,7 +258,7 @@ def test_ssh_launcher(controller, fake_bin, tmp_path):
     # stop() killed only the ssh clients (the "remote" engine sets run in sessions of their
     # own, as on a real host): each engine set saw its parent go and stopped its engines
     pids = [r["pid"] for r in report.values()]
-    wait_until(lambda: not any(map(running, pids)), 15, "the remote engines to exit")
+    wait_until(lambda: not any(map(running, pids)), 15, what="the remote engines to exit")
     assert not any(p.exists() for p in remote.values()), "the copied connection file was not removed"
     log = fake_log(tmp_path)
     assert sum(line.startswith("scp ") for line in log) == 2
@@ -372,7 +363,7 @@ def test_slurm_sbatch_script(controller, fake_bin, tmp_path):
                                stderr=subprocess.STDOUT, start_new_session=True)
     try:
         with ZmqExecutor(connection=controller) as ex:
-            wait_until(lambda: len(ex.engines) >= 4, 30, "the batch job's engines")
+            wait_until(lambda: len(ex.engines) >= 4, 30, what="the batch job's engines")
             report = engine_report(ex)
             assert sorted(r["SLURM_PROCID"] for r in report.values()) == ["0", "0", "1", "1"]
     finally:
@@ -413,7 +404,7 @@ def test_stop_kills_what_ignores_sigterm(tmp_path, no_leaks):
         subprocess.Popen(["{grandchild}"], start_new_session=True).wait()
         """))
     launcher = MPILauncher(1, cf, mpiexec=stubborn, startup_grace=0.0).start()
-    grandchild = int(wait_until(lambda: pidfile.exists() and pidfile.read_text(), 15, "the grandchild"))
+    grandchild = int(wait_until(lambda: pidfile.exists() and pidfile.read_text(), 15, what="the grandchild"))
     assert os.getpgid(grandchild) != launcher.procs[0].pid
     t0 = time.monotonic()
     launcher.stop(timeout=0.5)

@@ -24,7 +24,7 @@ import time
 
 import pytest
 
-from test_launch import no_leaks, start_controller, stop_process, wait_until  # noqa: F401 - fixture
+from test_launch import no_leaks, start_controller, stop_process  # noqa: F401 - fixture
 
 PY = sys.executable
 HEARTBEAT_PERIOD = 0.2

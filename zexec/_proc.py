@@ -23,6 +23,22 @@ def setup_logging(level: int | str = None) -> None:
     root.setLevel(level)
 
 
+def tail(path: str, lines: int = 20) -> str:
+    """The last ``lines`` lines of a log file ("" if it cannot be read), for error messages."""
+    try:
+        with open(path, errors="replace") as f:
+            return "".join(f.readlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def child_signals() -> None:
+    """In a forked part: default TERM and CHLD, and no SIGINT (the parent stops us)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+
+
 def _set_pdeathsig(sig: int) -> None:
     """Linux: have the kernel send ``sig`` when the parent thread exits."""
     if not sys.platform.startswith("linux"):

@@ -38,7 +38,7 @@ import zmq
 from . import serialize, wire
 from .connection import ConnectionInfo, secure
 from .errors import ClusterLostError, EngineDiedError, NoEnginesError, ProtocolError, ZexecError
-from .futures import Verdicts, ZFuture
+from .futures import Verdicts, ZFuture, resolve
 from .futures import fail as _fail
 from .protocol import RateLimitedLog, Session, loads, split_idents
 
@@ -473,12 +473,7 @@ class Client:
             except BaseException as e:  # noqa: BLE001 - a result that fails to unpickle here
                 _fail(fut, e)
                 return
-            if fut.cancelled():
-                return
-            try:
-                fut.set_result(result)
-            except Exception:  # noqa: BLE001 - InvalidStateError: cancelled meanwhile
-                pass
+            resolve(fut, result)
         elif status == "error":
             if content.get("ename") == "EngineDiedError" and isinstance(content.get("engine"), dict):
                 exc: BaseException = EngineDiedError.from_info(content["engine"])

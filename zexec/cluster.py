@@ -19,18 +19,11 @@ import time
 from typing import Any, Callable
 
 from . import executor as _executor
+from ._proc import tail
 from .connection import ConnectionInfo, allocate, new_curve_keys, new_key
 from .errors import ClusterStartError, InitializerError
 from .executor import ZmqExecutor
 from .protocol import Signer
-
-
-def _tail(path: str, lines: int = 20) -> str:
-    try:
-        with open(path, errors="replace") as f:
-            return "".join(f.readlines()[-lines:])
-    except OSError:
-        return ""
 
 
 class LocalCluster:
@@ -140,20 +133,20 @@ class LocalCluster:
         for name, p in self.procs.items():
             rc = p.poll()
             if rc is not None:
-                tail = _tail(self.logs[name], 200)
+                tail = tail(self.logs[name], 200)
                 if "initializer failed" in tail:
                     raise InitializerError(
                         f"the engines' initializer failed; the end of {self.logs[name]}:\n"
                         + "\n".join(tail.splitlines()[-20:]))
                 raise ClusterStartError(
                     f"the {name} process exited with {rc}; the end of {self.logs[name]}:\n"
-                    + _tail(self.logs[name]))
+                    + tail(self.logs[name]))
 
     def wait_for_engines(self, client, timeout: float | None = None) -> None:
         try:
             client.wait_for_engines(self.n, timeout or self.startup_timeout, check=self.check)
         except TimeoutError as e:
-            tails = "\n".join(f"--- {n}:\n{_tail(p)}" for n, p in self.logs.items())
+            tails = "\n".join(f"--- {n}:\n{tail(p)}" for n, p in self.logs.items())
             raise ClusterStartError(f"{e}; logs in {self.dir}:\n{tails}") from None
 
     def stop(self, timeout: float = 5.0) -> None:

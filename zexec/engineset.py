@@ -19,7 +19,7 @@ import uuid
 
 import zmq
 
-from ._proc import setup_logging, watch_parent
+from ._proc import child_signals, setup_logging, watch_parent
 from .connection import ConnectionInfo, secure
 from .errors import ProtocolError
 from .protocol import Session
@@ -73,9 +73,7 @@ class EngineSet:
             return pid
         code = 1
         try:
-            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            child_signals()
             signal.set_wakeup_fd(-1)
             if self.log_dir:
                 log_path = os.path.join(self.log_dir, f"engine-{os.getpid()}.log")

@@ -63,6 +63,16 @@ class Verdicts:
                 self.event.set()
 
 
+def resolve(fut: Future, result) -> None:
+    """Set a result unless the future was cancelled or resolved meanwhile."""
+    if fut.done():
+        return
+    try:
+        fut.set_result(result)
+    except Exception:  # noqa: BLE001 - InvalidStateError: cancelled meanwhile
+        pass
+
+
 def fail(fut: Future, exc: BaseException) -> None:
     if fut.done():
         return

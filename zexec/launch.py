@@ -36,6 +36,7 @@ import uuid
 import weakref
 from typing import Any, Iterable, Mapping, Sequence
 
+from ._proc import tail
 from .errors import ClusterStartError
 
 __all__ = ["LaunchError", "Launcher", "SSHLauncher", "MPILauncher", "SlurmLauncher"]
@@ -51,14 +52,6 @@ def _stop_all() -> None:
 
 class LaunchError(ClusterStartError):
     """A launcher command failed, or its engines did not join; quotes the command's output."""
-
-
-def _tail(path: str, lines: int = 20) -> str:
-    try:
-        with open(path, errors="replace") as f:
-            return "".join(f.readlines()[-lines:])
-    except OSError:
-        return ""
 
 
 def _argv(cmd: str | Sequence[str]) -> list[str]:
@@ -219,7 +212,7 @@ class Launcher:
         how = f"signal {signal.Signals(-rc).name}" if rc < 0 and -rc in signal.valid_signals() else f"exit code {rc}"
         cmd = shlex.join(self.procs[i].args)
         return LaunchError(f"{self.labels[i]}: `{cmd}` ended with {how}; its output:\n"
-                           + (_tail(self.logs[i]) or "(none)\n"))
+                           + (tail(self.logs[i]) or "(none)\n"))
 
     def _check_startup(self) -> None:
         # a command that fails at once (not found remotely, refused, bad option) says so
@@ -260,7 +253,7 @@ class Launcher:
             client.check()
             self.check()
             if time.monotonic() > deadline:
-                out = "".join(f"--- {label} ({path}):\n{_tail(path)}"
+                out = "".join(f"--- {label} ({path}):\n{tail(path)}"
                               for label, path in zip(self.labels, self.logs))
                 raise LaunchError(f"{len(client.engines)} of {n} engines joined within {timeout:g}s; "
                                   f"launcher output:\n{out}")

@@ -16,7 +16,7 @@ import signal
 import sys
 import time
 
-from .._proc import setup_logging, watch_parent
+from .._proc import child_signals, setup_logging, watch_parent
 from ..connection import ConnectionInfo
 
 log = logging.getLogger("zexec.controller")
@@ -46,9 +46,7 @@ def _fork_part(name: str, info: ConnectionInfo, hwm: int | None, no_engine_timeo
         return pid
     code = 0
     try:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        child_signals()
         watch_parent(parent)
         _run_part(name, info, hwm, no_engine_timeout)
     except SystemExit as e:
