@@ -170,8 +170,9 @@ def test_client_sigkilled_leaves_nothing(no_leaks, tmp_path):
         "ex = c.__enter__()\n"
         "print(os.getpid(), c.dir, c.shm_dir, flush=True)\n"
         "sys.stdin.read()\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p or os.getcwd() for p in sys.path))
     p = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                         text=True)
+                         text=True, env=env)
     try:
         dirs = [d for d in p.stdout.readline().split()[1:] if d != "None"]
         assert dirs and all(os.path.isdir(d) for d in dirs)

@@ -1,21 +1,24 @@
-"""The client: one IO thread owns every cluster socket and resolves futures.
+"""The client: user threads send, one IO thread receives and resolves futures.
 
 ::
 
-    user threads: submit() pickles, signs, appends to the outbox, wakes the IO thread
-                  (a pipe byte, written only when the IO thread may be asleep)
-                                 |
-    IO thread  --DEALER--> task scheduler   apply/abort requests; replies back
-               --DEALER--> MUX device       engine-targeted requests; replies back
-               --DEALER--> control device   shutdown requests to engines
-               --DEALER--> registrar        connection and status queries
-               <--SUB----- IOPub device     task started (future -> RUNNING), output
-               <--SUB----- hub notifications engines joining/leaving; hub_beat
+    user threads (under one lock):
+               --DEALER task_send--> task scheduler   apply and abort requests
+               --DEALER mux_send---> MUX device       engine-targeted apply and abort requests
+                 (each names the IO thread's socket in header "reply_to")
+    IO thread:
+               <-DEALER task-------- task scheduler   replies, abort verdicts
+               <-DEALER mux--------- MUX device       replies, abort verdicts; resends of lost ones
+               --DEALER control----> control device   shutdown requests to engines
+               <-DEALER registrar--> hub              connection and status queries
+               <--SUB iopub--------- IOPub device     task started (future -> RUNNING), output
+               <--SUB notif--------- hub              engines joining/leaving, hub_beat, lost_message
+    user threads hand the IO thread other work through an outbox and a wake-up pipe.
 
-Futures are ``concurrent.futures.Future`` objects resolved from the IO thread.  A
-registry maps each message id to its future until the reply comes, the future is
-cancelled, its engine dies, or the hub is lost; then the entry goes, so finished
-futures are never retained here.
+A task is registered before it is sent, so its reply (which may come back at once)
+finds its future.  The registry maps each message id to its future until the reply
+comes, the future is cancelled, its engine dies, or the hub is lost; then the entry
+goes, so finished futures are never retained here.
 """
 
 from __future__ import annotations
