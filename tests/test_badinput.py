@@ -103,3 +103,28 @@ def test_replayed_request_runs_once(no_leaks, tmp_path):
         finally:
             sock.close(linger=0)
             ctx.term()
+
+
+def test_one_frame_message_does_not_stall_the_mux(no_leaks):
+    # pyzmq's C device, given a one-frame message, waits inside recv for more frames;
+    # the hub nudges it each beat, and what it merged is recovered
+    with LocalCluster(1) as ex:
+        info = ex.client.info
+        ctx = zmq.Context()
+        socks = []
+        try:
+            for chan in ("mux_client", "mux_engine"):
+                s = ctx.socket(zmq.DEALER)
+                s.linger = 0
+                s.connect(info.url(chan))
+                socks.append(s)
+            view = ex.engine(ex.engines[0])
+            for s in socks:
+                f = view.submit(tasks.sleep, 0.2)
+                s.send(b"one frame")
+                assert f.result(15) == 0.2
+                assert view.submit(tasks.mul, 3, 3).result(15) == 9
+        finally:
+            for s in socks:
+                s.close(linger=0)
+            ctx.term()

@@ -26,11 +26,12 @@ import zmq
 
 from ..connection import ConnectionInfo, secure
 from ..errors import ProtocolError
-from ..protocol import RateLimitedLog, Session, loads, split_idents
+from ..protocol import DELIM, RateLimitedLog, Session, loads, split_idents
 
 log = logging.getLogger("zexec.hub")
 
 BEAT_INTERVAL = 1.0
+NUDGE = [b"zexec-nobody", DELIM, b"", b"{}", b"{}", b"{}"]
 REGISTRATION_TIMEOUT = 30.0
 #: after a heart disconnects, how long to wait for its launcher's exit report
 EXIT_REPORT_GRACE = 0.3
@@ -74,6 +75,15 @@ class Hub:
             mon_url = f"tcp://127.0.0.1:{info.addresses['monitor']}"  # never off this host
         secure(self.monitor, info, server=True)
         self.monitor.bind(mon_url)
+        # one DEALER on each side of the MUX and control devices, to nudge them each beat
+        self.nudges = []
+        for chan in ("mux_client", "mux_engine", "control_client", "control_engine"):
+            s = ctx.socket(zmq.DEALER)
+            s.linger = 0
+            s.sndhwm = 10
+            secure(s, info, server=False)
+            s.connect(info.url(chan))
+            self.nudges.append(s)
         poller = zmq.Poller()
         poller.register(self.registrar, zmq.POLLIN)
         poller.register(self.monitor, zmq.POLLIN)
@@ -109,6 +119,15 @@ class Hub:
     def _beat(self) -> None:
         live = {str(e["id"]): _public(e) for e in self.engines.values() if e["state"] == "live"}
         self._publish("hub_beat", {"engines": live})
+        # A one-frame message leaves a C device waiting, inside its recv, for frames
+        # that will never come, and it relays nothing meanwhile.  A message routed to
+        # nobody completes it (the merged message goes nowhere and is reported lost
+        # to its owner), and costs nothing when the device is not stuck.
+        for s in self.nudges:
+            try:
+                s.send_multipart(NUDGE, zmq.NOBLOCK)
+            except zmq.Again:
+                pass
 
     def _timers(self, now: float) -> None:
         for uuid, (deadline, reason) in list(self.pending_death.items()):
