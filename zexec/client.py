@@ -79,6 +79,7 @@ class Client:
         self._abort_waits: dict[str, Verdicts] = {}
         self._direct_frames: dict[str, list] = {}
         self._lost_tries: dict[str, int] = {}
+        self._resend_for: dict[str, str] = {}
         self._draining: dict[int, tuple] = {}
         self._engines: dict[int, dict] = {}
         self._dead: dict[int, dict] = {}
@@ -541,6 +542,11 @@ class Client:
     def _recover_lost(self, msg_id: str, device: str) -> None:
         """The MUX device dropped our request or its reply (merged with another peer's
         malformed message): send the request again, or ask the engine for its reply."""
+        task_id = self._resend_for.pop(msg_id, None)
+        if task_id is not None:
+            # our request for a lost reply was lost itself (or the engine's answer to
+            # it): ask again, within the same budget of tries
+            msg_id, device = task_id, "mux_out"
         entry = self._futures.get(msg_id)
         frames = self._direct_frames.get(msg_id)
         if entry is None or entry[1] not in self._engines:
@@ -553,8 +559,10 @@ class Client:
         elif tries <= 3 and device == "mux_out":
             log.warning("reply to %s lost in the MUX device: asking engine %s again", msg_id, entry[1])
             uuid = self._engines[entry[1]]["uuid"].encode()
+            header = self.session.header("resend_request", reply_to=self.reply_to)
+            self._resend_for[header["msg_id"]] = msg_id
             wire.send_frames(self.mux, self.session.pack(
-                "resend_request", {"msg_ids": [msg_id]}, idents=[uuid], reply_to=self.reply_to))
+                "resend_request", {"msg_ids": [msg_id]}, header=header, idents=[uuid]))
         else:
             self._forget(msg_id, ZexecError(f"the request or reply of this task was lost in the "
                                             f"{device} device and could not be recovered"))
