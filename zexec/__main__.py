@@ -73,11 +73,8 @@ def _status(args) -> int:
 def _stop(args) -> int:
     c = _client(args)
     try:
-        engines = dict(c._engines)
-        for info in engines.values():
-            frames = c.session.pack("shutdown_request", {}, idents=[info["uuid"].encode()])
-            c._outbox.append(("raw_control", None, None, None, frames))
-        c._wake()
+        engines = c.engines
+        c.shutdown_engines(engines)
         c.request("shutdown_request", timeout=args.timeout)
     finally:
         c.close()

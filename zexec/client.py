@@ -304,6 +304,15 @@ class Client:
         except (TimeoutError, FutureTimeout):
             raise TimeoutError(f"the hub did not answer {msg_type} within {timeout:.0f}s") from None
 
+    def shutdown_engines(self, engine_ids: list) -> None:
+        """Ask engines to exit after their current task (through the control device)."""
+        for eid in engine_ids:
+            info = self._engines.get(eid)
+            if info is not None:
+                frames = self.session.pack("shutdown_request", {}, idents=[info["uuid"].encode()])
+                self._outbox.append(("control", None, None, None, frames))
+        self._wake()
+
     def wait_for_engines(self, n: int, timeout: float = 30.0, check: Callable[[], None] | None = None) -> None:
         """Block until ``n`` engines are live; ``check`` may raise to give up early."""
         deadline = time.monotonic() + timeout
@@ -414,7 +423,7 @@ class Client:
         while outbox and limit > 0:
             limit -= 1
             kind, target, msg_id, fut, frames = outbox.popleft()
-            if kind == "raw_control":
+            if kind == "control":
                 self.control.send_multipart(frames)
             elif kind == "request":
                 hdr_id = loads(frames[2])["msg_id"]
