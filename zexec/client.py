@@ -34,6 +34,7 @@ import types
 import weakref
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures._base import PENDING, RUNNING
 from typing import Any, Callable
 
 import zmq
@@ -507,10 +508,12 @@ class Client:
         if kind == "status" and c.get("state") == "started":
             entry = self._futures.get(c.get("msg_id"))
             if entry is not None:
-                try:
-                    entry[0].set_running_or_notify_cancel()
-                except RuntimeError:
-                    pass  # already finished
+                fut = entry[0]
+                with fut._condition:
+                    # what set_running_or_notify_cancel does, under the same lock, minus
+                    # its CRITICAL log when the future was cancelled or resolved meanwhile
+                    if fut._state == PENDING:
+                        fut._state = RUNNING
         elif kind == "stream" and self.forward_output:
             stream = sys.stderr if c.get("name") == "stderr" else sys.stdout
             try:
