@@ -11,14 +11,14 @@ import atexit
 import itertools
 import os
 import threading
-import weakref
 import time
+import weakref
 from concurrent.futures import BrokenExecutor, Executor, Future
 from typing import Any, Callable, Iterable, Iterator
 
 from .client import Client
-from .futures import cancel_all
 from .errors import ClusterStartError
+from .futures import cancel_all
 
 #: set by zexec.cluster at import: builds the LocalCluster a ZmqExecutor owns
 _cluster_factory: Callable[..., Any] | None = None
