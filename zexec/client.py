@@ -147,7 +147,14 @@ class Client:
         self.control.connect(addrs.url("control_client", host))
         self.iopub = self._socket(zmq.SUB)
         self.iopub.subscribe(self.session.session.encode())
+        handshake = self.iopub.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
         self.iopub.connect(addrs.url("iopub_client", host))
+        # a PUB drops what a subscriber has not asked for yet: let the subscription
+        # reach the IOPub device before the first task can print (bounded wait)
+        if handshake.poll(2000):
+            handshake.recv_multipart()
+        self.iopub.disable_monitor()
+        handshake.close(linger=0)
         return reply
 
     def _socket(self, kind: int, identity: bytes | None = None) -> zmq.Socket:
@@ -442,6 +449,9 @@ class Client:
         except (ProtocolError, ValueError, UnicodeDecodeError) as e:
             self._bad("reply", str(e))
             return
+        if header.get("msg_type") == "status":
+            self._started(content.get("msg_id"))
+            return
         if header.get("msg_type") == "resend_reply":
             for msg_id in content.get("missing", ()):
                 self._forget(msg_id, ZexecError("the reply of this task was lost in the MUX device "
@@ -506,14 +516,7 @@ class Client:
         kind = msg.header["msg_type"]
         c = msg.content
         if kind == "status" and c.get("state") == "started":
-            entry = self._futures.get(c.get("msg_id"))
-            if entry is not None:
-                fut = entry[0]
-                with fut._condition:
-                    # what set_running_or_notify_cancel does, under the same lock, minus
-                    # its CRITICAL log when the future was cancelled or resolved meanwhile
-                    if fut._state == PENDING:
-                        fut._state = RUNNING
+            self._started(c.get("msg_id"))
         elif kind == "stream" and self.forward_output:
             stream = sys.stderr if c.get("name") == "stderr" else sys.stdout
             try:
@@ -521,6 +524,17 @@ class Client:
                 stream.flush()
             except Exception:  # noqa: BLE001 - a closed user stream must not kill the IO thread
                 pass
+
+    def _started(self, msg_id) -> None:
+        """An engine reports the task started: its future turns RUNNING."""
+        entry = self._futures.get(msg_id)
+        if entry is not None:
+            fut = entry[0]
+            with fut._condition:
+                # what set_running_or_notify_cancel does, under the same lock, minus
+                # its CRITICAL log when the future was cancelled or resolved meanwhile
+                if fut._state == PENDING:
+                    fut._state = RUNNING
 
     def _on_registrar(self, frames: list) -> None:
         try:

@@ -133,11 +133,11 @@ class LocalCluster:
         for name, p in self.procs.items():
             rc = p.poll()
             if rc is not None:
-                tail = tail(self.logs[name], 200)
-                if "initializer failed" in tail:
+                text = tail(self.logs[name], 200)
+                if "initializer failed" in text:
                     raise InitializerError(
                         f"the engines' initializer failed; the end of {self.logs[name]}:\n"
-                        + "\n".join(tail.splitlines()[-20:]))
+                        + "\n".join(text.splitlines()[-20:]))
                 raise ClusterStartError(
                     f"the {name} process exited with {rc}; the end of {self.logs[name]}:\n"
                     + tail(self.logs[name]))

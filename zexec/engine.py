@@ -6,7 +6,8 @@
     task DEALER       <-> task scheduler   apply/abort requests in, replies out
     mux DEALER        <-> MUX device       engine-targeted apply/abort requests in, replies out
     control DEALER    <-> control device   shutdown
-    iopub PUB         --> IOPub device     "status" (task started, for tasks past 10 ms) and "stream" output
+    iopub PUB         --> IOPub device     "stream" output of each task
+    (a task's start, past 10 ms, is reported as "status" on the socket the task came by)
     heart thread: C proxy, SUB (ping) -> DEALER (pong), answering while a task holds the GIL;
                   its capture feeds a watchdog that exits the engine if the pings stop.
 
@@ -251,10 +252,12 @@ class Engine:
                 if self.running_since == t and self.current is not None:
                     # the task's start is reported only now: a task that ends sooner
                     # goes from PENDING to FINISHED, saving a message per short task
-                    topic, msg_id = self.current
-                    self.iopub.send_multipart(self.session.pack(
+                    # on the task's own path (scheduler or MUX), not IOPub: a PUB drops
+                    # what a subscriber that just connected has not yet asked for
+                    sock, idents, msg_id = self.current
+                    wire.send_frames(sock, self.session.pack(
                         "status", {"state": "started", "msg_id": msg_id, "engine": self.id},
-                        idents=[topic]))
+                        idents=idents, parent_id=msg_id))
                 while self.running_since == t and not self.stopping:
                     for s, _ in poller.poll(50):
                         if s is wake:
@@ -368,7 +371,8 @@ class Engine:
     def _run_task(self, sock, idents, rest, header) -> None:
         topic = str(header.get("session", "")).encode()
         msg_id = header["msg_id"]
-        self.current = (topic, msg_id)
+        reply_to = header.get("reply_to")
+        self.current = (sock, [reply_to.encode()] if isinstance(reply_to, str) else idents, msg_id)
         out, err = sys.stdout, sys.stderr
         cap_out, cap_err = self._captures
         if cap_out.original is not out or cap_err.original is not err:
@@ -433,10 +437,14 @@ class Engine:
     def _resend(self, idents, parent, header, ids) -> None:
         """Send again replies the MUX device lost (see Client._recover_lost)."""
         missing = []
+        coming = {item[3].get("msg_id") for item in self.queue}
+        if self.current is not None and self.running_since is not None:
+            coming.add(self.current[2])
         for msg_id in ids:
             frames = self.recent.get(msg_id)
             if frames is None:
-                missing.append(msg_id)
+                if msg_id not in coming:  # queued or running: its reply is still to come
+                    missing.append(msg_id)
             else:
                 wire.send_frames(self.mux, frames)
         if missing:

@@ -31,6 +31,8 @@ from ..protocol import DELIM, RateLimitedLog, Session, loads, split_idents
 log = logging.getLogger("zexec.hub")
 
 BEAT_INTERVAL = 1.0
+#: the lost messages whose owner can recover them (a lost status or abort reply cannot be)
+RECOVERABLE = ("apply_request", "apply_reply", "resend_request", "resend_reply")
 NUDGE = [b"zexec-nobody", DELIM, b"", b"{}", b"{}", b"{}"]
 REGISTRATION_TIMEOUT = 30.0
 #: after a heart disconnects, how long to wait for its launcher's exit report
@@ -310,7 +312,7 @@ class Hub:
                 return  # the lone frame named a live engine: the request reached it
             lost = header.get("msg_id") if prefix.endswith(b"_in") else header.get("parent_id")
             self.bad("malformed message on a device", f"{prefix.decode()} lost {lost}")
-            if isinstance(lost, str):
+            if isinstance(lost, str) and kind in RECOVERABLE:
                 Session(self.info.key_bytes, check_replay=False).verify(rest)
                 self._publish("lost_message", {"msg_id": lost, "device": prefix.decode()})
             return

@@ -217,6 +217,9 @@ class TaskScheduler:
         kind = header.get("msg_type")
         if eng is None:
             return  # a reply from an engine already declared dead: its task moved on
+        if kind == "status":
+            send_frames(self.client, [*idents, DELIM, *rest])  # a task started: to its client
+            return
         if kind == "abort_reply":
             try:
                 for msg_id in loads(rest[3]).get("aborted", ()):
