@@ -11,9 +11,13 @@
     heart thread: C proxy, SUB (ping) -> DEALER (pong), answering while a task holds the GIL;
                   its capture feeds a watchdog that exits the engine if the pings stop.
 
-Every socket is read between tasks: incoming requests go to a local FIFO, aborts remove
-their task from it (the task never runs), and each task's reply goes back on the socket
-its request came from.  Every message is verified before anything in it is unpickled.
+Every socket is read between tasks, and by a watcher thread while a task runs past 10 ms
+(the sockets change hands under a lock): incoming requests go to a local FIFO, aborts
+remove their task from it (the task never runs), and each task's reply goes back on the
+socket its request came from, to the client's receiving socket ("reply_to").  Recent
+direct replies are kept a while, to be sent again if the MUX device loses one.  Every
+message is verified before anything in it is unpickled; big buffers may arrive through
+shared memory (zexec.shm), checked against their signed digest.
 """
 
 from __future__ import annotations

@@ -7,11 +7,15 @@
                notification SUB (hub) ---------+  +--> monitor PUB (compact records to the hub)
 
 It behaves like a ROUTER/ROUTER queue from the outside, with Python inside: it verifies
-every message, picks an engine by least load (``policy.choose_engine``) under a bound
-on outstanding tasks per engine, holds the rest in a FIFO queue, drops aborted tasks
-wherever they wait, and when the hub reports an engine dead it resubmits that engine's
-tasks that have retries left and fails the others with an EngineDiedError reply.
-It reads JSON only; payload frames are forwarded without being copied or unpickled.
+every message (a big one by its routing signature, over the header), picks an engine by
+least load (``policy.choose_engine``) under an adaptive bound on outstanding tasks per
+engine, holds the rest in a FIFO queue, drops aborted tasks wherever they wait, and when
+the hub reports an engine dead it resubmits that engine's tasks that have retries left
+and fails the others with an EngineDiedError reply (after a clean exit, it first waits a
+few seconds for the last replies).  Queued tasks fail with NoEnginesError when no engine
+has been there for ``no_engine_timeout``.  Replies and task-started notices go to the
+client's ``reply_to`` socket.  It reads JSON only; payload frames are forwarded without
+being copied or unpickled.
 """
 
 from __future__ import annotations
