@@ -103,7 +103,7 @@ def test_map_exception(executor):
 def test_map_timeout(executor, tmp_path):
     release = str(tmp_path / "release")
     it = executor.map(tasks.wait_for_file, [release, release], timeout=0.5)
-    with pytest.raises(TimeoutError):
+    with pytest.raises(cf.TimeoutError):
         list(it)
     open(release, "w").close()
 
@@ -239,7 +239,7 @@ def test_map_timeout_cancels_the_waited_future(executor, tmp_path):
     blockers = [executor.submit(tasks.wait_for_file, release) for _ in range(n)]
     try:
         it = executor.map(tasks.touch, [ran], timeout=0.3)
-        with pytest.raises(TimeoutError):
+        with pytest.raises(cf.TimeoutError):
             next(it)
     finally:
         open(release, "w").close()
