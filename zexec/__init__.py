@@ -1,10 +1,33 @@
-"""zexec: a ZeroMQ compute cluster behind the ``concurrent.futures.Executor`` interface."""
+"""zexec: a ZeroMQ compute cluster behind the ``concurrent.futures.Executor`` interface.
 
-from .cluster import LocalCluster
-from .errors import (ClusterLostError, ClusterStartError, EngineDiedError, NoEnginesError,
-                     ProtocolError, RemoteError, ZexecError)
-from .executor import DirectView, ZmqExecutor
+The public names load on first use, so the controller and engine processes
+(``python -m zexec ...``) import only their own layers, not the client's.
+"""
+
+from __future__ import annotations
+
+import importlib
 
 __all__ = ["LocalCluster", "ZmqExecutor", "DirectView", "EngineDiedError", "RemoteError",
            "ClusterLostError", "ClusterStartError", "NoEnginesError", "ProtocolError", "ZexecError"]
 __version__ = "0.1.0"
+
+_WHERE = {"LocalCluster": "cluster", "ZmqExecutor": "cluster", "DirectView": "cluster"}
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        # the executors come with zexec.cluster, which gives ZmqExecutor its LocalCluster
+        module = importlib.import_module(f".{_WHERE[name]}", __name__)
+        value = getattr(module, name) if hasattr(module, name) else getattr(
+            importlib.import_module(".executor", __name__), name)
+    elif name in __all__:
+        value = getattr(importlib.import_module(".errors", __name__), name)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list:
+    return sorted(list(globals()) + __all__)

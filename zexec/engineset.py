@@ -21,6 +21,7 @@ import zmq
 
 from ._proc import child_signals, setup_logging, watch_parent
 from .connection import ConnectionInfo, secure
+from .engine import Engine  # imported before forking: every engine starts with it loaded
 from .errors import ProtocolError
 from .protocol import Session
 
@@ -83,8 +84,6 @@ class EngineSet:
                 os.close(fd)
             setup_logging()
             watch_parent(parent)
-            from .engine import Engine
-
             code = Engine(self.info, launcher=self.id, log_path=log_path, max_tasks=self.max_tasks,
                           initializer=self.initializer, initargs=self.initargs).run()
         except SystemExit as e:
