@@ -169,13 +169,10 @@ def test_cancel_pending_never_runs(executor, tmp_path):
         assert victim.cancelled()
         with pytest.raises(cf.CancelledError):
             victim.result(0)
-    finally:
+    except BaseException:
         open(release, "w").close()
-    for b in blockers:
-        b.result(30)
-    # a task submitted after the victim has finished: the victim had its chance to run
-    executor.submit(tasks.identity, 1).result(30)
-    assert not os.path.exists(ran)
+        raise
+    _assert_never_ran(executor, release, blockers, ran)
 
 
 def test_running_future_cannot_be_cancelled(executor, tmp_path):
@@ -241,12 +238,10 @@ def test_map_timeout_cancels_the_waited_future(executor, tmp_path):
         it = executor.map(tasks.touch, [ran], timeout=0.3)
         with pytest.raises(cf.TimeoutError):
             next(it)
-    finally:
+    except BaseException:
         open(release, "w").close()
-    for b in blockers:
-        b.result(30)
-    executor.submit(tasks.identity, 1).result(30)
-    assert not os.path.exists(ran)
+        raise
+    _assert_never_ran(executor, release, blockers, ran)
 
 
 def test_callable_objects_are_pickled_per_submit(executor):
@@ -255,3 +250,12 @@ def test_callable_objects_are_pickled_per_submit(executor):
     assert executor.submit(c).result(30) == 1  # a fresh copy each time, as in a process pool
     c.n = 10
     assert executor.submit(c).result(30) == 11
+
+
+def _assert_never_ran(executor, release, blockers, ran):
+    """Release the blockers; once a later task has run, the cancelled one had its chance."""
+    open(release, "w").close()
+    for b in blockers:
+        b.result(30)
+    executor.submit(tasks.identity, 1).result(30)
+    assert not os.path.exists(ran)
