@@ -48,6 +48,8 @@ RECENT_REPLIES = 256
 RECENT_MAX_BYTES = 1 << 20
 #: a task running longer than this has its sockets read by the watcher thread
 WATCH_AFTER = 0.01
+#: the watcher sleeps until the next task once no task has run for this long
+IDLE_AFTER = 0.1
 
 
 class _Capture(io.StringIO):
@@ -91,6 +93,7 @@ class Engine:
         self.recent: collections.OrderedDict = collections.OrderedDict()
         self._captures = (_Capture("stdout", sys.stdout), _Capture("stderr", sys.stderr))
         self.sock_lock = threading.Lock()
+        self._busy = threading.Event()
         self.bad = RateLimitedLog(log)
 
     # -- start-up ------------------------------------------------------------------------
@@ -244,10 +247,24 @@ class Engine:
         ``sock_lock``: the main thread holds it whenever no long task runs, so short
         tasks pay nothing but an uncontended lock.
         """
+        busy = self._busy
+        last_seen = time.monotonic()
         while not self.stopping:
-            time.sleep(WATCH_AFTER / 2)  # a cheap periodic look at the main thread
             t = self.running_since
-            if t is None or time.monotonic() - t < WATCH_AFTER:
+            now = time.monotonic()
+            if t is not None:
+                last_seen = now
+            elif now - last_seen > IDLE_AFTER:
+                # an idle engine costs no wake-ups: block until a task starts.  Cleared
+                # before the look at running_since, which the main thread sets before
+                # it looks at the event: one of us always sees the other
+                busy.clear()
+                if self.running_since is None and not self.stopping:
+                    busy.wait()
+                last_seen = time.monotonic()
+                continue
+            if t is None or now - t < WATCH_AFTER:
+                time.sleep(WATCH_AFTER / 2)  # a cheap periodic look at the main thread
                 continue
             with self.sock_lock:
                 # set before the check below: the main thread clears running_since and
@@ -307,6 +324,7 @@ class Engine:
             return 0
         finally:
             self.stopping = True
+            self._busy.set()
             lock.release()
 
     def _on_message(self, sock: zmq.Socket, frames: list) -> None:
@@ -385,6 +403,8 @@ class Engine:
         started = time.time()
         # hand the sockets to the watcher should this task run long (see _watch_long_tasks)
         self.running_since = time.monotonic()
+        if not self._busy.is_set():
+            self._busy.set()  # wake the watcher (see _watch_long_tasks)
         self.sock_lock.release()
         try:
             content = loads(rest[3])

@@ -120,11 +120,15 @@ class Signer:
             n = len(f) if isinstance(f, bytes) else _view(f).nbytes
             parts.append(_LEN[n] if n < 256 else n.to_bytes(8, "little"))
             parts.append(f if n < BIG_FRAME else b"T" + big_digest(_view(f)))
-        return hmac.digest(self.key, b"".join(parts), "sha256").hex().encode()
+        h = self._template.copy()  # copying a keyed state skips OpenSSL's per-call digest lookup
+        h.update(b"".join(parts))
+        return h.hexdigest().encode()
 
 
     def sign_head(self, header: bytes) -> bytes:
-        return hmac.digest(self.key, b"head:" + header, "sha256").hex().encode()
+        h = self._template.copy()
+        h.update(b"head:" + header)
+        return h.hexdigest().encode()
 
 
 _LEN = [n.to_bytes(8, "little") for n in range(256)]

@@ -31,6 +31,8 @@ from ..protocol import DELIM, RateLimitedLog, Session, loads, split_idents
 log = logging.getLogger("zexec.hub")
 
 BEAT_INTERVAL = 1.0
+#: task records from the devices are read at most this often (see Hub.run)
+MONITOR_BATCH = 0.02
 #: the lost messages whose owner can recover them (a lost status or abort reply cannot be)
 RECOVERABLE = ("apply_request", "apply_reply", "resend_request", "resend_reply")
 NUDGE = [b"zexec-nobody", DELIM, b"", b"{}", b"{}", b"{}"]
@@ -89,7 +91,10 @@ class Hub:
         poller = zmq.Poller()
         poller.register(self.registrar, zmq.POLLIN)
         poller.register(self.monitor, zmq.POLLIN)
+        registrar_only = zmq.Poller()
+        registrar_only.register(self.registrar, zmq.POLLIN)
         next_beat = time.monotonic()
+        monitor_due = 0.0
         log.info("hub up: registrar at %s", info.bind_url("registration"))
         try:
             while not self.stopping:
@@ -101,13 +106,24 @@ class Hub:
                 timeout = next_beat - now
                 if self.pending_death:
                     timeout = min(timeout, min(t for t, _ in self.pending_death.values()) - now)
-                ready = dict(poller.poll(max(1, int(timeout * 1000) + 1)))
+                # Task records are read in batches, MONITOR_BATCH apart: a hub woken for
+                # every message a device relays would take a core's share from the
+                # tasks themselves (two wake-ups per direct task, measured ~30% of the
+                # round trip on two cores).  Registrations are answered at once.
+                if now < monitor_due:
+                    timeout = min(timeout, monitor_due - now)
+                    ready = dict(registrar_only.poll(max(1, int(timeout * 1000) + 1)))
+                    if time.monotonic() >= monitor_due and self.monitor.get(zmq.EVENTS) & zmq.POLLIN:
+                        ready[self.monitor] = zmq.POLLIN
+                else:
+                    ready = dict(poller.poll(max(1, int(timeout * 1000) + 1)))
                 if self.registrar in ready:
                     for _ in range(1000):
                         if not self.registrar.get(zmq.EVENTS) & zmq.POLLIN:
                             break
                         self._on_registrar(self.registrar.recv_multipart())
                 if self.monitor in ready:
+                    monitor_due = time.monotonic() + MONITOR_BATCH
                     for _ in range(5000):
                         if not self.monitor.get(zmq.EVENTS) & zmq.POLLIN:
                             break
