@@ -58,13 +58,15 @@ SIZES = {
                   rep_budget=10.0, peer_timeout=120.0),
 }
 
-PEERS = ["zexec", "ppe", "loky", "ipyparallel", "dask"]
-PEER_LABEL = {"zexec": "zexec", "ppe": "PPE", "loky": "loky", "ipyparallel": "ipp",
-              "dask": "dask"}
-PEER_MODULE = {"zexec": "zexec", "ppe": "concurrent.futures", "loky": "loky",
+PEERS = ["zexec", "zexec-pure", "ppe", "loky", "ipyparallel", "dask"]
+PEER_LABEL = {"zexec": "zexec", "zexec-pure": "pure", "ppe": "PPE", "loky": "loky",
+              "ipyparallel": "ipp", "dask": "dask"}
+PEER_MODULE = {"zexec": "zexec", "zexec-pure": "zexec", "ppe": "concurrent.futures", "loky": "loky",
                "ipyparallel": "ipyparallel", "dask": "distributed"}
 PEER_API = {
     "zexec": "`ZmqExecutor(max_workers=4)`: `submit`, `map(chunksize=)`; direct = `ex.engine(0)`",
+    "zexec-pure": "`ZmqExecutor(max_workers=4, scheme=\"pure\")`: load-balanced by the client "
+                  "through the C MUX device (no task scheduler on the path)",
     "ppe": "`concurrent.futures.ProcessPoolExecutor(4)` (fork): `submit`, `map(chunksize=)`",
     "loky": "`loky.ProcessPoolExecutor(4)`: `submit`, `map(chunksize=)`",
     "ipyparallel": "`ipp.Cluster(n=4).start_and_connect_sync()`; `load_balanced_view()` "
@@ -139,6 +141,15 @@ class ZexecPeer(Peer):
 
     def direct_submit(self, fn, *args):
         return self.direct.submit(fn, *args)
+
+
+class ZexecPurePeer(ZexecPeer):
+    name = "zexec-pure"
+
+    def start(self) -> None:
+        from zexec import ZmqExecutor
+        self.ex = ZmqExecutor(max_workers=N_WORKERS, scheme="pure")
+        self.direct = self.ex.engine(min(self.ex.engines))
 
 
 class PPEPeer(Peer):
@@ -230,7 +241,7 @@ class DaskPeer(Peer):
         self.cluster.close()
 
 
-PEER_CLASS = {"zexec": ZexecPeer, "ppe": PPEPeer, "loky": LokyPeer,
+PEER_CLASS = {"zexec": ZexecPeer, "zexec-pure": ZexecPurePeer, "ppe": PPEPeer, "loky": LokyPeer,
               "ipyparallel": IppPeer, "dask": DaskPeer}
 
 
@@ -605,8 +616,9 @@ def ratio(z, p, better: str, unit: str) -> str:
 def build_table(results: dict, cfg: dict, markdown: bool) -> str:
     peers = [p for p in PEERS if p in results]
     others = [p for p in peers if p != "zexec"]
+    pure_vs_ppe = "zexec-pure" in peers and "ppe" in peers
     head = ["workload", "unit"] + [PEER_LABEL[p] for p in peers] + \
-           [f"zexec/{PEER_LABEL[p]}" for p in others]
+           [f"zexec/{PEER_LABEL[p]}" for p in others] + (["pure/PPE"] if pure_vs_ppe else [])
     body = []
     for key, label, unit, better in rows(cfg):
         vals = {p: results[p]["values"].get(key) for p in peers}
@@ -623,6 +635,8 @@ def build_table(results: dict, cfg: dict, markdown: bool) -> str:
                 cells.append(fmt(v))
         z = vals.get("zexec")
         cells += [ratio(z, vals[p], better, unit) for p in others]
+        if pure_vs_ppe:
+            cells.append(ratio(vals["zexec-pure"], vals["ppe"], better, unit))
         body.append(cells)
     if markdown:
         lines = ["| " + " | ".join(head) + " |",

@@ -1,7 +1,8 @@
 """The concurrent.futures contract, run over every kind of zexec executor.
 
 Modelled on CPython's test_concurrent_futures: each test runs against the load-balanced
-executor, a DirectView and an owned ``ZmqExecutor(max_workers=n)``.
+executor (through the task scheduler, and with ``scheme="pure"`` through the MUX
+device), a DirectView and an owned ``ZmqExecutor(max_workers=n)``.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from conftest import wait_until
 from zexec import ZmqExecutor
 from zexec.errors import RemoteTraceback
 
-KINDS = ["lb", "direct", "owned"]
+KINDS = ["lb", "pure", "direct", "owned"]
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +35,9 @@ def executor(request, cluster, owned):
     if request.param == "owned":
         yield owned
         return
-    ex = ZmqExecutor(connection=cluster.connection_file)
-    yield ex if request.param == "lb" else ex.engine(ex.engines[0])
+    ex = ZmqExecutor(connection=cluster.connection_file,
+                     scheme="pure" if request.param == "pure" else "leastload")
+    yield ex if request.param != "direct" else ex.engine(ex.engines[0])
     ex.shutdown(wait=True, cancel_futures=True)
 
 
@@ -47,8 +49,9 @@ def fresh(request, cluster):
         yield ex
         ex.shutdown()
         return
-    ex = ZmqExecutor(connection=cluster.connection_file)
-    yield ex if request.param == "lb" else ex.engine(ex.engines[-1])
+    ex = ZmqExecutor(connection=cluster.connection_file,
+                     scheme="pure" if request.param == "pure" else "leastload")
+    yield ex if request.param != "direct" else ex.engine(ex.engines[-1])
     ex.shutdown()
 
 

@@ -70,6 +70,29 @@ def test_os_exit_in_task_fails_with_engine_died(cluster, kind):
             ex.engine(err.engine_id).submit(tasks.mul, 1, 1)
 
 
+def test_pure_scheme_engine_death_fails_exactly_its_tasks(cluster):
+    ex = ZmqExecutor(connection=cluster.connection_file, scheme="pure")
+    try:
+        wait_until(lambda: len(ex.engines) == cluster.n, 30, what="all engines")
+        doomed = ex.submit(tasks.hard_exit, 7)
+        others = [ex.submit(tasks.mul, i, 2) for i in range(3 * cluster.n)]
+        with pytest.raises(EngineDiedError) as info:
+            doomed.result(30)
+        dead = info.value.engine_id
+        ok = 0
+        for i, f in enumerate(others):
+            try:
+                assert f.result(30) == 2 * i
+                ok += 1
+            except EngineDiedError as e:
+                assert e.engine_id == dead  # queued behind the exit on the same engine
+        assert ok >= 2 * cluster.n
+        # later tasks go to the live engines only
+        assert ex.submit(tasks.mul, 3, 3).result(30) == 9
+    finally:
+        ex.shutdown()
+
+
 def _engine_pids(ex):
     return {e: ex.client.engine_info(e)["pid"] for e in ex.engines}
 

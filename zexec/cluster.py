@@ -31,7 +31,8 @@ class LocalCluster:
 
     ``with LocalCluster(4) as ex:`` yields a :class:`ZmqExecutor`; ``replace`` keeps
     ``n`` engines alive (new ids) when some die; ``retries`` resubmits load-balanced
-    tasks of a dead engine; ``heartbeat_period × heartbeat_misses`` bounds how long a
+    tasks of a dead engine; ``scheme`` picks how the executor balances (see
+    :class:`ZmqExecutor`); ``heartbeat_period × heartbeat_misses`` bounds how long a
     hung engine may stay silent before it is declared dead.
     """
 
@@ -41,8 +42,9 @@ class LocalCluster:
                  initargs: tuple = (), max_tasks_per_child: int | None = None,
                  startup_timeout: float = 60.0, hwm: int | None = None,
                  forward_output: bool = True, curve: bool = False,
-                 no_engine_timeout: float = 30.0) -> None:
+                 no_engine_timeout: float = 30.0, scheme: str = "leastload") -> None:
         self.n = n or os.cpu_count() or 1
+        self.scheme = scheme
         self.transport = transport or ("ipc" if os.name == "posix" else "tcp")
         self.ip = ip
         self.heartbeat_period = heartbeat_period
@@ -176,6 +178,7 @@ class LocalCluster:
     def executor(self, **kwargs: Any) -> ZmqExecutor:
         """A new ZmqExecutor (client) on this cluster."""
         kwargs.setdefault("retries", self.retries)
+        kwargs.setdefault("scheme", self.scheme)
         kwargs.setdefault("forward_output", self.forward_output)
         return ZmqExecutor(connection=self.connection_file, **kwargs)
 
