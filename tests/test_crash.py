@@ -63,8 +63,8 @@ def test_os_exit_in_task_fails_with_engine_died(cluster, kind):
     assert elapsed < 5, elapsed
     # the cluster keeps serving, and LocalCluster replaces the engine (new id)
     assert ex.submit(tasks.mul, 2, 2).result(30) == 4
-    wait_until(lambda: len(ex.engines) == cluster.n, 30, what="replacement engine")
-    assert err.engine_id not in ex.engines
+    wait_until(lambda: err.engine_id not in ex.engines and len(ex.engines) == cluster.n, 30,
+               what="the dead engine gone and a replacement in")
     if kind == "direct":
         with pytest.raises(EngineDiedError):
             ex.engine(err.engine_id).submit(tasks.mul, 1, 1)

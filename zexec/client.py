@@ -360,8 +360,11 @@ class Client:
     # -- IO thread -----------------------------------------------------------------------
     def _io_loop(self) -> None:
         poller = zmq.Poller()
-        handlers = {self.task: self._on_reply, self.mux: self._on_reply,
-                    self.iopub: self._on_iopub, self.notif: self._on_notification,
+        # notifications first: an engine's death is published by the hub before the
+        # scheduler fails its tasks, so a caller woken by EngineDiedError finds the
+        # engine already gone from ``engines`` when both arrive in one poll
+        handlers = {self.notif: self._on_notification, self.task: self._on_reply,
+                    self.mux: self._on_reply, self.iopub: self._on_iopub,
                     self.registrar: self._on_registrar, self.control: self._on_reply}
         for s in handlers:
             poller.register(s, zmq.POLLIN)
