@@ -9,7 +9,7 @@ dropped.  ``cancel_all`` asks for many futures with one message per destination.
 from __future__ import annotations
 
 import threading
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from concurrent.futures._base import PENDING
 
 
@@ -63,20 +63,22 @@ class Verdicts:
                 self.event.set()
 
 
-def resolve(fut: Future, result) -> None:
-    """Set a result unless the future was cancelled or resolved meanwhile."""
+def _settle(fut: Future, set_value, value) -> None:
+    # the IO thread races user threads' cancel(): a future cancelled or resolved
+    # meanwhile keeps its first outcome
     if fut.done():
         return
     try:
-        fut.set_result(result)
-    except Exception:  # noqa: BLE001 - InvalidStateError: cancelled meanwhile
+        set_value(value)
+    except InvalidStateError:
         pass
+
+
+def resolve(fut: Future, result) -> None:
+    """Set a result unless the future was cancelled or resolved meanwhile."""
+    _settle(fut, fut.set_result, result)
 
 
 def fail(fut: Future, exc: BaseException) -> None:
-    if fut.done():
-        return
-    try:
-        fut.set_exception(exc)
-    except Exception:  # noqa: BLE001 - InvalidStateError: resolved meanwhile
-        pass
+    """Set an exception unless the future was cancelled or resolved meanwhile."""
+    _settle(fut, fut.set_exception, exc)
