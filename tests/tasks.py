@@ -134,3 +134,9 @@ class Counter:
     def __call__(self):
         self.n += 1
         return self.n
+
+
+def module_attr(module, name):
+    import importlib
+
+    return getattr(importlib.import_module(module), name)

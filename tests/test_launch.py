@@ -415,3 +415,22 @@ def test_stop_kills_what_ignores_sigterm(tmp_path, no_leaks):
 def test_connection_file_must_exist(tmp_path):
     with pytest.raises(FileNotFoundError, match="start the controller first"):
         MPILauncher(1, tmp_path / "missing.json")
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="python -P is 3.11+")
+def test_local_engines_import_from_the_clients_path(tmp_path, monkeypatch, no_leaks):
+    """LocalCluster's processes see the client's sys.path, not their working directory
+    first (``python -m`` alone would put it there, and a module of the same name in the
+    working directory would shadow the one the client imported)."""
+    import tasks
+    from zexec import LocalCluster
+
+    lib, cwd = tmp_path / "lib", tmp_path / "cwd"
+    lib.mkdir()
+    cwd.mkdir()
+    (lib / "zexec_shadowed.py").write_text("WHERE = 'lib'\n")
+    (cwd / "zexec_shadowed.py").write_text("WHERE = 'cwd'\n")
+    monkeypatch.syspath_prepend(str(lib))
+    monkeypatch.chdir(cwd)
+    with LocalCluster(1) as ex:
+        assert ex.submit(tasks.module_attr, "zexec_shadowed", "WHERE").result(30) == "lib"

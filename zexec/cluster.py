@@ -86,7 +86,9 @@ class LocalCluster:
         paths = [p or os.getcwd() for p in sys.path]
         env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
         env.setdefault("PYTHONUNBUFFERED", "1")
-        py = [sys.executable, "-m", "zexec"]
+        # -P: ``-m`` would put the working directory first on their path, ahead of ours,
+        # and a module there would shadow the one this process imported (3.11+)
+        py = [sys.executable, *(("-P",) if sys.version_info >= (3, 11) else ()), "-m", "zexec"]
         common = ["--connection-file", self.connection_file, "--parent-pid", str(os.getpid())]
         ctl = [*py, "controller", "--reuse", *common, "--cleanup", self.dir]
         if self.shm_dir:
