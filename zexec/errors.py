@@ -38,15 +38,20 @@ class RemoteError(ZexecError):
         return text
 
 
-class RemoteTraceback(Exception):
-    """The remote traceback text, set as ``__cause__`` of a re-raised task exception."""
+try:
+    # the very class ProcessPoolExecutor sets as ``__cause__``: code that looks for it
+    # (CPython's own tests check its exact type) finds it after a swap
+    from concurrent.futures.process import _RemoteTraceback as RemoteTraceback
+except ImportError:  # pragma: no cover - a Python without it
+    class RemoteTraceback(Exception):  # type: ignore[no-redef]
+        """The remote traceback text, set as ``__cause__`` of a re-raised task exception."""
 
-    def __init__(self, tb: str) -> None:
-        super().__init__(tb)
-        self.tb = tb
+        def __init__(self, tb: str) -> None:
+            super().__init__(tb)
+            self.tb = tb
 
-    def __str__(self) -> str:
-        return self.tb
+        def __str__(self) -> str:
+            return self.tb
 
 
 class EngineDiedError(ZexecError, BrokenProcessPool):
