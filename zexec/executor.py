@@ -35,6 +35,15 @@ def _python_exit() -> None:
         ex.shutdown(wait=True)
 
 
+def _next_result(fs: list, end_time: float | None) -> Any:
+    """The result of the last future in ``fs``, which leaves ``fs`` only once it has one:
+    a timeout or an error leaves it there, to be cancelled with the rest."""
+    fut = fs[-1]
+    result = fut.result() if end_time is None else fut.result(end_time - time.monotonic())
+    fs.pop()
+    return result
+
+
 class _ExecutorBase(Executor):
     _target: int | None = None
 
@@ -89,21 +98,15 @@ class _ExecutorBase(Executor):
             try:
                 fs.reverse()  # pop from the end: no future is kept once yielded
                 while fs:
-                    fut = fs.pop()
-                    try:
-                        if end_time is None:
-                            result = fut.result()
-                        else:
-                            result = fut.result(end_time - time.monotonic())
-                    except BaseException:
-                        fs.append(fut)  # cancelled below with the rest, as the stdlib does
-                        raise
-                    finally:
-                        del fut
+                    # no local names the result while we are suspended in the yield:
+                    # once the caller drops it, it is freed (as the stdlib's map does)
                     if chunksize == 1:
-                        yield result
+                        yield _next_result(fs, end_time)
                     else:
-                        yield from result
+                        chunk = _next_result(fs, end_time)
+                        chunk.reverse()
+                        while chunk:
+                            yield chunk.pop()
             finally:
                 cancel_all(fs)
 
