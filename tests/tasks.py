@@ -140,3 +140,7 @@ def module_attr(module, name):
     import importlib
 
     return getattr(importlib.import_module(module), name)
+
+
+def getenv(name):
+    return os.environ.get(name)

@@ -434,3 +434,18 @@ def test_local_engines_import_from_the_clients_path(tmp_path, monkeypatch, no_le
     monkeypatch.chdir(cwd)
     with LocalCluster(1) as ex:
         assert ex.submit(tasks.module_attr, "zexec_shadowed", "WHERE").result(30) == "lib"
+
+
+def test_local_engines_share_the_clients_multiprocessing_authkey(no_leaks):
+    """A Manager proxy made in the client works in a task, as in a process pool's workers
+    (they inherit the parent's authkey); and the key is not left in the engines' environment."""
+    import multiprocessing
+
+    import tasks
+    from zexec import LocalCluster
+
+    with multiprocessing.Manager() as mgr, LocalCluster(1) as ex:
+        ev = mgr.Event()
+        ex.submit(ev.set).result(30)
+        assert ev.is_set()
+        assert ex.submit(tasks.getenv, "ZEXEC_MP_AUTHKEY").result(30) is None

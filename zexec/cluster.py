@@ -105,7 +105,14 @@ class LocalCluster:
             eng += ["--init-file", self._write_init(info)]
         try:
             self._spawn("controller", ctl, env)
-            self._spawn("engines", eng, env)
+            # the engines take this process's multiprocessing authkey, as a process
+            # pool's workers do (only the engine set's environment carries it)
+            import multiprocessing
+
+            from .connection import AUTHKEY_ENV
+
+            eng_env = dict(env, **{AUTHKEY_ENV: bytes(multiprocessing.current_process().authkey).hex()})
+            self._spawn("engines", eng, eng_env)
         except BaseException:
             self.stop()
             raise

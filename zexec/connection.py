@@ -13,6 +13,9 @@ import socket
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+#: the environment variable through which LocalCluster hands its process's
+#: multiprocessing authkey to its engines (see zexec.engineset)
+AUTHKEY_ENV = "ZEXEC_MP_AUTHKEY"
 #: the controller's sockets, in the order they are allocated
 CHANNELS = ("registration", "notification", "monitor", "mux_client", "mux_engine",
             "control_client", "control_engine", "task_client", "task_engine",

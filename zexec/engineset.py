@@ -20,7 +20,7 @@ import uuid
 import zmq
 
 from ._proc import child_signals, setup_logging, watch_parent
-from .connection import ConnectionInfo, secure
+from .connection import AUTHKEY_ENV, ConnectionInfo, secure
 from .engine import Engine  # imported before forking: every engine starts with it loaded
 from .errors import ProtocolError
 from .protocol import Session
@@ -101,6 +101,7 @@ class EngineSet:
 
     def run(self, parent_pid: int = 0) -> int:
         setup_logging()
+        _adopt_authkey()
         if parent_pid:
             watch_parent(parent_pid, on_death=self._kill_all)
         self._load_initializer()
@@ -229,6 +230,24 @@ class EngineSet:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def _adopt_authkey() -> None:
+    """Take the client's multiprocessing authkey, as ProcessPoolExecutor's workers have
+    it: a Manager proxy (or a Listener) made in the client then works in a task.
+
+    Read once here and taken out of the environment, so the engines inherit it in
+    memory only (by fork) and what a task starts does not see it.
+    """
+    key = os.environ.pop(AUTHKEY_ENV, None)
+    if not key:
+        return
+    try:
+        import multiprocessing
+
+        multiprocessing.current_process().authkey = bytes.fromhex(key)
+    except ValueError:
+        log.warning("ignoring a malformed %s", AUTHKEY_ENV)
 
 
 def main(info: ConnectionInfo, n: int, parent_pid: int = 0, **kwargs) -> int:
