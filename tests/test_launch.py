@@ -449,3 +449,18 @@ def test_local_engines_share_the_clients_multiprocessing_authkey(no_leaks):
         ex.submit(ev.set).result(30)
         assert ev.is_set()
         assert ex.submit(tasks.getenv, "ZEXEC_MP_AUTHKEY").result(30) is None
+
+
+def test_local_cluster_that_fails_to_start_leaves_nothing(no_leaks):
+    """An initializer argument that cannot be pickled fails the start at once, and the
+    half-made cluster goes: its directory (which holds the key) and its shared memory."""
+    import threading
+
+    from zexec import LocalCluster
+
+    c = LocalCluster(1, initializer=print, initargs=(threading.Lock(),))
+    with pytest.raises(TypeError, match="pickle"):
+        c.__enter__()
+    assert c.dir and not os.path.exists(c.dir)
+    assert not c.shm_dir or not os.path.exists(c.shm_dir)
+    assert not c.procs

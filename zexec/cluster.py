@@ -71,39 +71,39 @@ class LocalCluster:
         if self.procs:
             return self
         self.dir = tempfile.mkdtemp(prefix="zexec-")
-        info = ConnectionInfo(key=new_key(), transport=self.transport, ip=self.ip,
-                              heartbeat_period=self.heartbeat_period,
-                              heartbeat_misses=self.heartbeat_misses,
-                              curve=new_curve_keys() if self.curve else None)
-        if self.transport == "ipc" and os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
-            # big buffers go through memory, not four socket copies (see zexec.shm)
-            self.shm_dir = tempfile.mkdtemp(prefix="zexec-", dir="/dev/shm")
-            info = info.with_(shm_dir=self.shm_dir)
-        info = allocate(info, ipc_dir=self.dir)
-        self.connection_file = info.write(os.path.join(self.dir, "cluster.json"))
-        env = dict(os.environ)
-        # engines import what this process can: the same sys.path, as a spawned worker would
-        paths = [p or os.getcwd() for p in sys.path]
-        env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
-        env.setdefault("PYTHONUNBUFFERED", "1")
-        # -P: ``-m`` would put the working directory first on their path, ahead of ours,
-        # and a module there would shadow the one this process imported (3.11+)
-        py = [sys.executable, *(("-P",) if sys.version_info >= (3, 11) else ()), "-m", "zexec"]
-        common = ["--connection-file", self.connection_file, "--parent-pid", str(os.getpid())]
-        ctl = [*py, "controller", "--reuse", *common, "--cleanup", self.dir]
-        if self.shm_dir:
-            ctl += ["--cleanup", self.shm_dir]
-        if self.hwm:
-            ctl += ["--hwm", str(self.hwm)]
-        ctl += ["--no-engine-timeout", str(self.no_engine_timeout)]
-        eng = [*py, "engine", "-n", str(self.n), "--log-dir", self.dir, *common]
-        if self.replace:
-            eng.append("--replace")
-        if self.max_tasks_per_child:
-            eng += ["--max-tasks", str(self.max_tasks_per_child)]
-        if self.initializer is not None:
-            eng += ["--init-file", self._write_init(info)]
         try:
+            info = ConnectionInfo(key=new_key(), transport=self.transport, ip=self.ip,
+                                  heartbeat_period=self.heartbeat_period,
+                                  heartbeat_misses=self.heartbeat_misses,
+                                  curve=new_curve_keys() if self.curve else None)
+            if self.transport == "ipc" and os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
+                # big buffers go through memory, not four socket copies (see zexec.shm)
+                self.shm_dir = tempfile.mkdtemp(prefix="zexec-", dir="/dev/shm")
+                info = info.with_(shm_dir=self.shm_dir)
+            info = allocate(info, ipc_dir=self.dir)
+            self.connection_file = info.write(os.path.join(self.dir, "cluster.json"))
+            env = dict(os.environ)
+            # engines import what this process can: the same sys.path, as a spawned worker would
+            paths = [p or os.getcwd() for p in sys.path]
+            env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+            env.setdefault("PYTHONUNBUFFERED", "1")
+            # -P: ``-m`` would put the working directory first on their path, ahead of ours,
+            # and a module there would shadow the one this process imported (3.11+)
+            py = [sys.executable, *(("-P",) if sys.version_info >= (3, 11) else ()), "-m", "zexec"]
+            common = ["--connection-file", self.connection_file, "--parent-pid", str(os.getpid())]
+            ctl = [*py, "controller", "--reuse", *common, "--cleanup", self.dir]
+            if self.shm_dir:
+                ctl += ["--cleanup", self.shm_dir]
+            if self.hwm:
+                ctl += ["--hwm", str(self.hwm)]
+            ctl += ["--no-engine-timeout", str(self.no_engine_timeout)]
+            eng = [*py, "engine", "-n", str(self.n), "--log-dir", self.dir, *common]
+            if self.replace:
+                eng.append("--replace")
+            if self.max_tasks_per_child:
+                eng += ["--max-tasks", str(self.max_tasks_per_child)]
+            if self.initializer is not None:
+                eng += ["--init-file", self._write_init(info)]
             self._spawn("controller", ctl, env)
             # the engines take this process's multiprocessing authkey, as a process
             # pool's workers do (only the engine set's environment carries it)
@@ -114,6 +114,8 @@ class LocalCluster:
             eng_env = dict(env, **{AUTHKEY_ENV: bytes(multiprocessing.current_process().authkey).hex()})
             self._spawn("engines", eng, eng_env)
         except BaseException:
+            # nothing half-made is left: not the processes, nor the directory that holds
+            # the key (an initializer that cannot be pickled fails here, for one)
             self.stop()
             raise
         return self
