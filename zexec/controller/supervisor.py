@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import sys
+import threading
 import time
 
 from .._proc import child_signals, setup_logging, watch_parent
@@ -72,10 +73,16 @@ def run(info: ConnectionInfo, hwm: int | None = None, parent_pid: int = 0,
     setup_logging()
     children: dict = {}
 
+    cleaning = threading.Lock()
+
     def orphaned() -> None:
-        _stop_children(dict(children), timeout=1.0)
-        for d in cleanup:
-            shutil.rmtree(d, ignore_errors=True)
+        # the parent-death signal (main thread) and the parent watch (its own thread)
+        # can both get here: one at a time, or the watch's os._exit could cut the other's
+        # rmtree short and leave the key's directory behind
+        with cleaning:
+            _stop_children(dict(children), timeout=1.0)
+            for d in cleanup:
+                shutil.rmtree(d, ignore_errors=True)
 
     if parent_pid:
         watch_parent(parent_pid, on_death=orphaned)
