@@ -149,17 +149,25 @@ class Signer:
         self._template = hmac.new(key, digestmod=hashlib.sha256) if key else None
 
     def sign(self, frames: Iterable[Any]) -> bytes:
+        return self.sign_sized(frames)[0]
+
+    def sign_sized(self, frames: Iterable[Any]) -> tuple[bytes, bool]:
+        """The signature, and whether a frame was big (sized once, for ``Session.pack``)."""
         if self._template is None:
-            return b""
+            return b"", False
         parts = []
+        big = False
         for f in frames:
             n = len(f) if isinstance(f, bytes) else _view(f).nbytes
             parts.append(_LEN[n] if n < 256 else n.to_bytes(8, "little"))
-            parts.append(f if n < BIG_FRAME else b"T" + big_digest(_view(f)))
+            if n < BIG_FRAME:
+                parts.append(f)
+            else:
+                big = True
+                parts.append(b"T" + big_digest(_view(f)))
         h = self._template.copy()  # copying a keyed state skips OpenSSL's per-call digest lookup
         h.update(b"".join(parts))
-        return h.hexdigest().encode()
-
+        return h.hexdigest().encode(), big
 
     def sign_head(self, header: bytes) -> bytes:
         h = self._template.copy()
@@ -168,10 +176,6 @@ class Signer:
 
 
 _LEN = [n.to_bytes(8, "little") for n in range(256)]
-
-
-def _is_big(frames: Sequence[Any]) -> bool:
-    return any((len(f) if isinstance(f, bytes) else _view(f).nbytes) >= BIG_FRAME for f in frames)
 
 
 def _bytes(f: Any) -> bytes:
@@ -259,8 +263,8 @@ class Session:
             pb = parent if isinstance(parent, bytes) else bytes(parent)
         cb = _EMPTY if not content else dumps(content)
         body = [hb, pb, cb, *buffers]
-        sig = self.signer.sign(body)
-        if buffers and self.signer._template is not None and _is_big(buffers):
+        sig, big = self.signer.sign_sized(body)
+        if big:
             # a routing signature over the header alone, for the task scheduler, which
             # forwards the payload without reading it; unpicklers check the full one
             sig += b":" + self.signer.sign_head(hb)
