@@ -9,6 +9,7 @@ every process.  Each child also exits when this process dies, even by SIGKILL.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import shutil
 import signal
@@ -20,7 +21,7 @@ from typing import Any, Callable
 
 from . import executor as _executor
 from ._proc import tail
-from .connection import ConnectionInfo, allocate, new_curve_keys, new_key
+from .connection import AUTHKEY_ENV, ConnectionInfo, allocate, new_curve_keys, new_key
 from .errors import ClusterStartError, InitializerError
 from .executor import ZmqExecutor
 from .protocol import Signer
@@ -107,10 +108,6 @@ class LocalCluster:
             self._spawn("controller", ctl, env)
             # the engines take this process's multiprocessing authkey, as a process
             # pool's workers do (only the engine set's environment carries it)
-            import multiprocessing
-
-            from .connection import AUTHKEY_ENV
-
             eng_env = dict(env, **{AUTHKEY_ENV: bytes(multiprocessing.current_process().authkey).hex()})
             self._spawn("engines", eng, eng_env)
         except BaseException:

@@ -43,6 +43,8 @@ from .protocol import RateLimitedLog, Session, loads, split_idents
 log = logging.getLogger("zexec.engine")
 
 FN_CACHE_SIZE = 256
+#: the exit code of an engine whose initializer raised (the engine set stops replacing)
+INITIALIZER_FAILED = 5
 #: direct replies kept for resending, and the largest kept
 RECENT_REPLIES = 256
 RECENT_MAX_BYTES = 1 << 20
@@ -220,8 +222,9 @@ class Engine:
                     self.initializer(*self.initargs)
                 except BaseException as e:  # noqa: BLE001 - reported, then the engine exits
                     log.exception("initializer failed")
-                    self._goodbye(f"initializer failed: {type(e).__name__}: {e}", 5, fatal=True)
-                    return 5
+                    self._goodbye(f"initializer failed: {type(e).__name__}: {e}",
+                                  INITIALIZER_FAILED, fatal=True)
+                    return INITIALIZER_FAILED
             return self._loop()
         finally:
             for name in ("task_sock", "mux", "control", "iopub", "registrar", "_wake_tx", "_wake_rx"):

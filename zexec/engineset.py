@@ -21,7 +21,7 @@ import zmq
 
 from ._proc import child_signals, setup_logging, watch_parent
 from .connection import AUTHKEY_ENV, ConnectionInfo, secure
-from .engine import Engine  # imported before forking: every engine starts with it loaded
+from .engine import INITIALIZER_FAILED, Engine  # imported before forking: every engine starts with it loaded
 from .errors import ProtocolError
 from .protocol import Session
 
@@ -30,8 +30,6 @@ log = logging.getLogger("zexec.engineset")
 #: engines that die this young this many times in a row stop the replacing
 CRASH_LOOP_AGE = 2.0
 CRASH_LOOP_COUNT = 5
-#: an engine's exit code when its initializer raised (Engine.run)
-INITIALIZER_FAILED = 5
 #: with no hub_beat for this long (before the first / after one), the engines stop
 HUB_FIRST = 30.0
 HUB_LOST = 10.0
