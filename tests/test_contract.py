@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures as cf
 import os
+import threading
 import weakref
 
 import pytest
@@ -179,6 +180,34 @@ def test_cancel_pending_never_runs(executor, tmp_path):
     except BaseException:
         open(release, "w").close()
         raise
+    _assert_never_ran(executor, release, blockers, ran)
+
+
+def test_cancelled_futures_reach_wait_and_as_completed(executor, tmp_path):
+    """A cancelled future is done for ``wait`` and ``as_completed``, whether they were
+    already waiting when it was cancelled or are called after."""
+    started, release = str(tmp_path / "started"), str(tmp_path / "release")
+    if isinstance(executor, ZmqExecutor):
+        n = len(executor.engines)
+        blockers = [executor.submit(tasks.wait_for_file, release) for _ in range(n * 20)]
+    else:
+        blockers = [executor.submit(tasks.touch_then_wait, started, release)]
+        wait_until(lambda: os.path.exists(started), 30, what="blocker to start")
+    ran = str(tmp_path / "ran")
+    try:
+        victims = [executor.submit(tasks.touch, ran) for _ in range(3)]
+        seen: list = []
+        waiter = threading.Thread(target=lambda: seen.extend(cf.as_completed(victims, timeout=30)))
+        waiter.start()
+        wait_until(lambda: all(v._waiters for v in victims), 30, what="as_completed to wait")
+        assert all(v.cancel() for v in victims)
+        waiter.join(30)
+        assert not waiter.is_alive() and set(seen) == set(victims)
+        done, not_done = cf.wait(victims, timeout=30)
+        assert done == set(victims) and not not_done
+        assert list(cf.as_completed(victims, timeout=30)) and all(v.cancelled() for v in victims)
+    finally:
+        open(release, "w").close()
     _assert_never_ran(executor, release, blockers, ran)
 
 

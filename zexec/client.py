@@ -42,7 +42,7 @@ import zmq
 from . import serialize, wire
 from .connection import ConnectionInfo, secure
 from .errors import ClusterLostError, EngineDiedError, NoEnginesError, ProtocolError, ZexecError
-from .futures import Verdicts, ZFuture, resolve
+from .futures import Verdicts, ZFuture, cancel_dropped, resolve
 from .futures import fail as _fail
 from .protocol import RateLimitedLog, Session, loads, split_idents
 
@@ -467,7 +467,7 @@ class Client:
                 if entry is not None:
                     # cancel here, not only in the waiting thread: a verdict that comes
                     # after its wait timed out must still settle the future
-                    Future.cancel(entry[0])
+                    cancel_dropped(entry[0])
                 w = self._abort_waits.pop(msg_id, None)
                 if w is not None:
                     w.decide(msg_id, True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import Future, InvalidStateError
-from concurrent.futures._base import PENDING
+from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, PENDING
 
 
 class ZFuture(Future):
@@ -35,14 +35,34 @@ def cancel_all(futures: list) -> list:
         client = getattr(f, "_zclient", None)
         if pending and client is not None and not client._closing and client._broken is None:
             by_client.setdefault(client, []).append(f)
-        elif Future.cancel(f):
+        elif cancel_dropped(f):
             done.append(f)
     for client, fs in by_client.items():
         verdict = client._abort_sync(fs)
         for f in fs:
-            if verdict.get(f.msg_id) and Future.cancel(f):
+            if verdict.get(f.msg_id) and cancel_dropped(f):
                 done.append(f)
     return done
+
+
+def cancel_dropped(fut: Future) -> bool:
+    """Cancel a future whose task will never run, and tell ``wait``/``as_completed``.
+
+    ``Future.cancel`` wakes ``result()`` callers and runs callbacks, but the waiters that
+    ``wait`` and ``as_completed`` install hear of a cancellation only from
+    ``set_running_or_notify_cancel``, which an executor calls when it would have run the
+    task (CANCELLED -> CANCELLED_AND_NOTIFIED).  A dropped task never gets there, so
+    that step is taken here, at once.
+    """
+    if not Future.cancel(fut):
+        return False
+    with fut._condition:
+        # only the first canceller notifies: cancel() is True again for a cancelled future
+        if fut._state == CANCELLED:
+            fut._state = CANCELLED_AND_NOTIFIED
+            for waiter in fut._waiters:
+                waiter.add_cancelled(fut)
+    return True
 
 
 class Verdicts:
