@@ -128,3 +128,50 @@ def test_one_frame_message_does_not_stall_the_mux(no_leaks):
             for s in socks:
                 s.close(linger=0)
             ctx.term()
+
+
+def test_interrupted_send_is_ended_not_glued_to_the_next():
+    """A KeyboardInterrupt between two frames ends that message; the next one arrives whole."""
+    from zexec import wire
+
+    class Interrupting(list):
+        def __iter__(self):
+            yield from self[:2]
+            raise KeyboardInterrupt
+
+    ctx = zmq.Context()
+    try:
+        tx, rx = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+        tx.bind("inproc://interrupted")
+        rx.connect("inproc://interrupted")
+        with pytest.raises(KeyboardInterrupt):
+            wire.send_frames(tx, Interrupting([b"a", b"b", b"c", b"d"]))
+        wire.send_frames(tx, [b"next", b"message"])
+        assert rx.recv_multipart() == [b"a", b"b", b""]
+        assert rx.recv_multipart() == [b"next", b"message"]
+    finally:
+        ctx.destroy(linger=0)
+
+
+@pytest.mark.parametrize("kind", ["lb", "direct"])
+def test_keyboard_interrupt_in_submit_loses_no_later_task(cluster, monkeypatch, kind):
+    """Ctrl-C while submit sends (caught, as in a notebook): later tasks still complete."""
+    from zexec import wire
+
+    ex = cluster.ex if kind == "lb" else cluster.ex.engine(cluster.ex.engines[0])
+    assert ex.submit(pow, 2, 2).result(30) == 4
+    real, calls = wire._send, []
+
+    def interrupt_third_frame(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(wire, "_send", interrupt_third_frame)
+    with pytest.raises(KeyboardInterrupt):
+        ex.submit(pow, 3, 3)
+    monkeypatch.setattr(wire, "_send", real)
+    fs = [ex.submit(pow, 2, i) for i in range(5)]
+    assert [f.result(30) for f in fs] == [2 ** i for i in range(5)]
+    assert not [m for m, (f, _) in cluster.ex.client._futures.items() if not f.done()]

@@ -228,27 +228,34 @@ class Client:
                 self._shm_out[msg_id] = {r[1]: r[3] for r in refs}
                 fut.add_done_callback(lambda _f, names=names, m=msg_id: self._shm_done(m, names))
         futures = self._futures
-        # registered before it is sent (the reply may beat us back), and only then is
-        # the engine checked: the IO thread removes a dead engine first and fails its
-        # futures after, so either it finds this future or we see the engine gone
-        futures[msg_id] = (fut, target)
-        if target is None:
-            sock, idents = self.task_send, ()
-        else:
-            info = self._engines.get(target)
-            if info is None:
-                futures.pop(msg_id, None)
-                self._no_engine(target)
-            sock, idents = self.mux_send, (info["uuid"].encode(),)
-        frames = self.session.pack("apply_request", content, header=header,
-                                   buffers=buffers, idents=idents)
-        if target is not None:
-            self._direct_frames[msg_id] = frames  # to resend if the MUX device loses it
-        with self._send_lock:
-            if self._broken is not None or self._closing:
-                futures.pop(msg_id, None)
+        try:
+            # registered before it is sent (the reply may beat us back), and only then is
+            # the engine checked: the IO thread removes a dead engine first and fails its
+            # futures after, so either it finds this future or we see the engine gone
+            futures[msg_id] = (fut, target)
+            if target is None:
+                sock, idents = self.task_send, ()
+            else:
+                info = self._engines.get(target)
+                if info is None:
+                    self._no_engine(target)
+                sock, idents = self.mux_send, (info["uuid"].encode(),)
+            frames = self.session.pack("apply_request", content, header=header,
+                                       buffers=buffers, idents=idents)
+            if target is not None:
+                self._direct_frames[msg_id] = frames  # to resend if the MUX device loses it
+            with self._send_lock:
                 self.check()
-            wire.send_frames(sock, frames)
+                wire.send_frames(sock, frames)
+        except BaseException:
+            # no engine, a closed client, or interrupted (KeyboardInterrupt, even between
+            # two frames: see wire.send_frames): the caller never gets this future, so
+            # nothing may wait for its reply or keep its shared memory
+            futures.pop(msg_id, None)
+            self._direct_frames.pop(msg_id, None)
+            if msg_id in self._shm_out:
+                self._shm_done(msg_id, list(self._shm_out[msg_id]))
+            raise
         return fut
 
     def _shm_done(self, msg_id: str, names: list) -> None:
@@ -283,10 +290,10 @@ class Client:
                     break
                 msg = self.session.pack("abort_request", {"msg_ids": ids}, reply_to=self.reply_to)
                 if target is None:
-                    self.task_send.send_multipart(msg)
+                    wire.send_frames(self.task_send, msg)
                 elif target in self._engines:
                     uuid = self._engines[target]["uuid"].encode()
-                    self.mux_send.send_multipart([uuid, *msg])
+                    wire.send_frames(self.mux_send, [uuid, *msg])
         verdict.event.wait(timeout)
         return verdict.result
 

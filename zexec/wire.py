@@ -24,10 +24,27 @@ Again = zmq.Again
 
 
 def send_frames(sock: zmq.Socket, frames: Sequence[Any]) -> None:
+    """Send one multipart message; an interrupted one is ended, never left half-sent.
+
+    A KeyboardInterrupt can arrive between two frames.  libzmq would then glue the next
+    message onto the frames already sent, and the receiver would drop both as one
+    malformed message: a later, innocent task would be lost.  So an interrupted message
+    is ended with an empty frame before the exception goes on; its receiver drops that
+    malformed (or empty) message alone.
+    """
     last = len(frames) - 1
-    for i, f in enumerate(frames):
-        copy = isinstance(f, bytes) and len(f) < COPY_THRESHOLD
-        _send(sock, f, _SNDMORE if i < last else 0, copy)
+    try:
+        for i, f in enumerate(frames):
+            copy = isinstance(f, bytes) and len(f) < COPY_THRESHOLD
+            _send(sock, f, _SNDMORE if i < last else 0, copy)
+    except zmq.ZMQError:
+        raise
+    except BaseException:
+        try:
+            _send(sock, b"", 0, True)
+        except zmq.ZMQError:
+            pass
+        raise
 
 
 def recv_frames(sock: zmq.Socket, flags: int = 0) -> list:
