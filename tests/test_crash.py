@@ -191,6 +191,32 @@ def test_hub_killed_fails_pending_futures(no_leaks, tmp_path):
         cluster.__exit__(None, None, None)
 
 
+@pytest.mark.parametrize("part,kind", [("task", "lb"), ("mux", "direct"), ("heartbeat", "lb")])
+def test_stopped_controller_part_fails_pending_futures(no_leaks, tmp_path, part, kind):
+    """A part stopped by SIGSTOP would hold its tasks forever while the hub beats on:
+    the controller takes it for dead, and pending futures fail (nothing hangs)."""
+    from zexec.controller.supervisor import PARTS, STOPPED_LIMIT
+    from zexec.errors import ClusterLostError
+
+    cluster = LocalCluster(2)
+    ex = cluster.__enter__()
+    try:
+        ctl = psutil.Process(cluster.procs["controller"].pid)
+        parts = dict(zip(PARTS, sorted(ctl.children(), key=lambda p: (p.create_time(), p.pid))))
+        target = ex if kind == "lb" else ex.engine(ex.engines[0])
+        assert target.submit(tasks.mul, 2, 3).result(30) == 6
+        t0 = time.monotonic()
+        parts[part].suspend()
+        f = target.submit(tasks.wait_for_file, str(tmp_path / "never"), 60)
+        with pytest.raises(ClusterLostError):
+            f.result(30)
+        # the limit, then the clients' own bound on a silent hub (8 s)
+        assert time.monotonic() - t0 < STOPPED_LIMIT + 12
+        assert not parts[part].is_running() or parts[part].status() == psutil.STATUS_ZOMBIE
+    finally:
+        cluster.__exit__(None, None, None)
+
+
 def test_client_sigkilled_leaves_nothing(no_leaks, tmp_path):
     script = tmp_path / "client.py"
     script.write_text(

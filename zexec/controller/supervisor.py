@@ -2,9 +2,10 @@
 
 ``zexec controller`` imports once, then forks one process per part (hub, heartbeat,
 mux, control, iopub, task): each its own process with its own zmq context, made after
-the fork.  The supervisor only waits: if any part dies, the controller cannot serve,
-so it stops the rest and exits non-zero; SIGTERM/SIGINT stop them all cleanly.  Every
-part also exits when the supervisor is gone (``watch_parent``).
+the fork.  The supervisor only waits: if any part dies, or stays stopped (SIGSTOP)
+longer than ``STOPPED_LIMIT``, the controller cannot serve, so it stops the rest and
+exits non-zero; SIGTERM/SIGINT stop them all cleanly.  Every part also exits when the
+supervisor is gone (``watch_parent``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ from ..connection import ConnectionInfo
 log = logging.getLogger("zexec.controller")
 
 PARTS = ("hub", "heartbeat", "mux", "control", "iopub", "task")
+#: a part stopped (SIGSTOP, SIGTSTP) this long is taken for dead: a stopped task
+#: scheduler or device would hold its tasks forever, while the hub, still beating,
+#: tells clients all is well
+STOPPED_LIMIT = 2.0
 
 
 def _run_part(name: str, info: ConnectionInfo, hwm: int | None, no_engine_timeout: float) -> None:
@@ -100,14 +105,32 @@ def run(info: ConnectionInfo, hwm: int | None = None, parent_pid: int = 0,
     if ready_message:
         print(ready_message, flush=True)
     code = 0
+    stopped: dict[int, float] = {}  # pid -> when it was seen stopped
     while children:
         try:
-            pid, status = os.waitpid(-1, 0)
+            pid, status = _wait_part(stopped)
         except _Stop:
             log.info("stopping on signal")
             break
         except ChildProcessError:
             break
+        if not pid:  # a part stopped for STOPPED_LIMIT
+            for pid in list(stopped):
+                log.error("%s (pid %d) stopped for %.0fs; stopping the controller",
+                          children.get(pid), pid, STOPPED_LIMIT)
+                _kill(pid)
+                children.pop(pid, None)
+            code = 1
+            break
+        if os.WIFSTOPPED(status):
+            if pid in children:
+                log.warning("%s (pid %d) was stopped by signal %d", children[pid], pid,
+                            os.WSTOPSIG(status))
+                stopped[pid] = time.monotonic()
+            continue
+        if os.WIFCONTINUED(status):
+            stopped.pop(pid, None)
+            continue
         name = children.pop(pid, None)
         if name is None:
             continue
@@ -126,10 +149,36 @@ def run(info: ConnectionInfo, hwm: int | None = None, parent_pid: int = 0,
     return code
 
 
+def _wait_part(stopped: dict) -> tuple[int, int]:
+    """The next change of a part: exited, stopped or continued; (0, 0) once a part has
+    stayed stopped for STOPPED_LIMIT."""
+    flags = os.WUNTRACED | os.WCONTINUED
+    if not stopped:
+        return os.waitpid(-1, flags)
+    while True:
+        # a stopped part reports nothing more until it is continued or killed, so
+        # the limit is kept by looking again at short intervals
+        pid, status = os.waitpid(-1, flags | os.WNOHANG)
+        if pid:
+            return pid, status
+        if time.monotonic() - min(stopped.values()) > STOPPED_LIMIT:
+            return 0, 0
+        time.sleep(0.05)
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    except (ProcessLookupError, ChildProcessError):
+        pass
+
+
 def _stop_children(children: dict, timeout: float = 3.0) -> None:
     for pid in children:
         try:
             os.kill(pid, signal.SIGTERM)
+            os.kill(pid, signal.SIGCONT)  # a stopped part would only act on it when continued
         except ProcessLookupError:
             pass
     deadline = time.monotonic() + timeout
