@@ -45,8 +45,7 @@ def assert_no_children(timeout: float = 10.0, keep: frozenset = frozenset()) -> 
 
 
 def _zexec_threads() -> list:
-    return [t for t in threading.enumerate() if t.name.startswith("zexec-") and t.is_alive()
-            and t.name != "zexec-hash"]
+    return [t for t in threading.enumerate() if t.name.startswith("zexec-") and t.is_alive()]
 
 
 @pytest.fixture

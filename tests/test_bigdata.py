@@ -63,3 +63,11 @@ def test_full_shared_memory_falls_back_to_sockets(tmp_path):
     frames = [b"stream", memoryview(data).cast("B")]
     assert store.export(frames, 1) == []
     assert bytes(frames[1]) == data.tobytes()  # untouched: it goes as a frame
+
+
+def test_big_frames_leave_no_thread_behind(no_leaks, big):
+    """Hashing a big frame uses helper threads for that message only: none outlives
+    the cluster (checked by ``no_leaks``), over shared memory and over zmq frames."""
+    for transport in ("ipc", "tcp"):  # shared memory on ipc, zmq frames on tcp
+        with LocalCluster(1, transport=transport) as ex:
+            assert np.array_equal(ex.submit(tasks.identity, big).result(60), big)
