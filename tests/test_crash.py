@@ -217,6 +217,29 @@ def test_stopped_controller_part_fails_pending_futures(no_leaks, tmp_path, part,
         cluster.__exit__(None, None, None)
 
 
+def test_cluster_started_from_a_thread_outlives_that_thread(no_leaks):
+    """The kernel's parent-death signal follows the thread that started a process: a
+    cluster made in a worker thread must keep serving after that thread has ended."""
+    import threading
+
+    made = {}
+    t = threading.Thread(target=lambda: made.setdefault("ex", ZmqExecutor(max_workers=1)))
+    t.start()
+    t.join(60)
+    ex = made["ex"]
+    try:
+        procs = ex.cluster.procs
+        # the signal comes as the thread ends: watch for a second that nothing stops
+        # (an absence has no event to wait for)
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            assert all(p.poll() is None for p in procs.values())
+            time.sleep(0.05)
+        assert ex.submit(pow, 2, 10).result(30) == 1024
+    finally:
+        ex.shutdown()
+
+
 def test_client_sigkilled_leaves_nothing(no_leaks, tmp_path):
     script = tmp_path / "client.py"
     script.write_text(

@@ -33,10 +33,11 @@ def tail(path: str, lines: int = 20) -> str:
 
 
 def child_signals() -> None:
-    """In a forked part: default TERM and CHLD, and no SIGINT (the parent stops us)."""
+    """In a forked part: default TERM, CHLD and USR2, and no SIGINT (the parent stops us)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    signal.signal(signal.SIGUSR2, signal.SIG_DFL)  # see watch_parent(checked=True)
 
 
 def _set_pdeathsig(sig: int) -> None:
@@ -50,15 +51,28 @@ def _set_pdeathsig(sig: int) -> None:
         pass
 
 
-def watch_parent(parent_pid: int, on_death=None, interval: float = 0.25) -> None:
+def watch_parent(parent_pid: int, on_death=None, interval: float = 0.25,
+                 checked: bool = False) -> None:
     """Exit when ``parent_pid`` is gone (it exited, or was killed with SIGKILL).
 
     PR_SET_PDEATHSIG covers the common case at once; a daemon thread polling
-    ``getppid`` covers the rest (the signal is tied to the parent *thread*).
+    ``getppid`` covers the rest.  The kernel's signal is tied to the parent *thread*
+    that started us, so for a process started by the user's program (``checked``),
+    which may have done so from a thread that ends long before the program, it is
+    SIGUSR2 and only makes us look: we go only if the parent process is gone.  The
+    caller must then be the main thread (it installs the handler).
     """
     if parent_pid <= 1:
         return
-    _set_pdeathsig(signal.SIGTERM)
+    if checked:
+        def look(signum, frame) -> None:
+            if os.getppid() != parent_pid:
+                _die(on_death)
+
+        signal.signal(signal.SIGUSR2, look)  # before the prctl: USR2 would kill us
+        _set_pdeathsig(signal.SIGUSR2)
+    else:
+        _set_pdeathsig(signal.SIGTERM)
     if os.getppid() != parent_pid:
         _die(on_death)
 

@@ -101,7 +101,7 @@ class EngineSet:
         setup_logging()
         _adopt_authkey()
         if parent_pid:
-            watch_parent(parent_pid, on_death=self._kill_all)
+            watch_parent(parent_pid, on_death=self._kill_all, checked=True)
         self._load_initializer()
         rfd, wfd = os.pipe()
         os.set_blocking(wfd, False)

@@ -78,7 +78,7 @@ def run(info: ConnectionInfo, hwm: int | None = None, parent_pid: int = 0,
     setup_logging()
     children: dict = {}
 
-    cleaning = threading.Lock()
+    cleaning = threading.RLock()  # the USR2 handler may run in the main thread inside it
 
     def orphaned() -> None:
         # the parent-death signal (main thread) and the parent watch (its own thread)
@@ -90,7 +90,7 @@ def run(info: ConnectionInfo, hwm: int | None = None, parent_pid: int = 0,
                 shutil.rmtree(d, ignore_errors=True)
 
     if parent_pid:
-        watch_parent(parent_pid, on_death=orphaned)
+        watch_parent(parent_pid, on_death=orphaned, checked=True)
     class _Stop(Exception):
         pass
 
