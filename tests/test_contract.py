@@ -257,6 +257,36 @@ def test_shutdown_cancel_futures(fresh, tmp_path):
             assert not os.path.exists(tmp_path / f"ran{i}")
 
 
+@pytest.mark.parametrize("wait", [True, False])
+def test_shutdown_from_a_done_callback(fresh, wait):
+    """As in ProcessPoolExecutor: shutdown(wait=False) works there, wait=True raises
+    RuntimeError (it cannot wait in the thread that resolves futures), and either way
+    the shutdown goes on and every future finishes."""
+    called = threading.Event()
+    seen: list = []
+
+    def cb(_f):
+        try:
+            fresh.shutdown(wait=wait)
+            seen.append(None)
+        except BaseException as e:  # noqa: BLE001
+            seen.append(e)
+        called.set()
+
+    fs = [fresh.submit(tasks.sleep, 0.05) for _ in range(6)]
+    fs[0].add_done_callback(cb)
+    assert called.wait(30)
+    if wait:
+        assert isinstance(seen[0], RuntimeError)
+    else:
+        assert seen == [None]
+    done, not_done = cf.wait(fs, timeout=30)
+    assert not not_done and all(f.result() == 0.05 for f in fs)
+    fresh.shutdown()  # waits for the teardown the callback started
+    with pytest.raises(RuntimeError):
+        fresh.submit(pow, 2, 2)
+
+
 def test_context_manager(cluster):
     with ZmqExecutor(connection=cluster.connection_file) as ex:
         f = ex.submit(pow, 2, 3)

@@ -112,6 +112,15 @@ class _ExecutorBase(Executor):
 
         return result_iterator()
 
+    def _refuse_wait_in_callback(self) -> None:
+        """Done-callbacks run in the client's IO thread, the one thread that resolves
+        futures: waiting there would wait forever.  Refused as ProcessPoolExecutor
+        refuses it (its callbacks run in the thread that shutdown would join)."""
+        if threading.current_thread() is self._client._thread:
+            raise RuntimeError("shutdown(wait=True) cannot wait in a done-callback: futures "
+                               "are resolved in the thread that runs it (the shutdown goes "
+                               "on without waiting)")
+
     def _wait_pending(self, cancel_futures: bool) -> list[Future]:
         pending = list(self._pending)
         if cancel_futures:
@@ -282,11 +291,13 @@ class ZmqExecutor(_ExecutorBase):
                 finally:
                     self._stopped.set()
 
-            if wait:
+            in_callback = threading.current_thread() is self._client._thread
+            if wait and not in_callback:
                 finish()
             else:
                 threading.Thread(target=finish, name="zexec-shutdown").start()
         if wait:
+            self._refuse_wait_in_callback()
             self._stopped.wait()  # a second caller waits for the first one's teardown
 
     def _abandon(self) -> None:
@@ -320,6 +331,7 @@ class DirectView(_ExecutorBase):
             self._shutdown = True
         pending = self._wait_pending(cancel_futures)
         if wait:
+            self._refuse_wait_in_callback()
             for fut in pending:
                 try:
                     fut.exception()
