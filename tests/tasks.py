@@ -41,6 +41,11 @@ def touch_then_wait(started, release, value=None):
     return wait_for_file(release, value=value)
 
 
+def sleep_then_touch(t, path):
+    time.sleep(t)
+    return touch(path)
+
+
 def hard_exit(code=7):
     os._exit(code)
 

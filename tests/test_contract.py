@@ -246,7 +246,9 @@ def test_shutdown_cancel_futures(fresh, tmp_path):
     first = fresh.submit(tasks.touch_then_wait, started, release)
     wait_until(lambda: os.path.exists(started), 30, what="first task to start")
     wait_until(first.running, 30, what="first task RUNNING")
-    rest = [fresh.submit(tasks.touch, str(tmp_path / f"ran{i}")) for i in range(50)]
+    # 2 s of work in all: with the first engine blocked, the others cannot drain it
+    # before shutdown cancels what still waits (50 no-ops sometimes could)
+    rest = [fresh.submit(tasks.sleep_then_touch, 0.01, str(tmp_path / f"ran{i}")) for i in range(200)]
     open(release, "w").close()
     fresh.shutdown(wait=True, cancel_futures=True)
     assert first.result(0) is None
