@@ -240,6 +240,22 @@ def test_cluster_started_from_a_thread_outlives_that_thread(no_leaks):
         ex.shutdown()
 
 
+def test_a_task_goes_to_the_engine_that_frees_first(no_leaks, tmp_path):
+    """Before any runtime is known, a task is not queued behind a (possibly long) task
+    at a busy engine: it waits in the scheduler for the first engine that frees."""
+    release = str(tmp_path / "release")
+    with LocalCluster(2) as ex:
+        long = ex.submit(tasks.wait_for_file, release, 60)
+        short = ex.submit(os.getpid)
+        after = ex.submit(os.getpid)
+        try:
+            assert after.result(30) == short.result(30)  # while the long task still runs
+            assert not long.done()
+        finally:
+            open(release, "w").close()
+        long.result(30)
+
+
 def test_client_sigkilled_leaves_nothing(no_leaks, tmp_path):
     script = tmp_path / "client.py"
     script.write_text(

@@ -29,6 +29,7 @@ def test_outstanding_bound_adapts():
     assert outstanding_bound(0.00002, 0.0005) == 16       # no-ops: deep queues
     assert 2 < outstanding_bound(0.0001, 0.0005) < 16
     assert outstanding_bound(0, 0.001) == 16
+    assert outstanding_bound(3.0, 0.001) == 1            # very long: no queue, as a pool
 
 
 def test_heart_failures():

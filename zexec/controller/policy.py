@@ -29,17 +29,22 @@ def choose_engine(order: Sequence[Hashable], loads: Mapping[Hashable, int],
 
 
 def outstanding_bound(mean_runtime: float, mean_overhead: float,
-                      lo: int = 2, hi: int = 16) -> int:
+                      lo: int = 2, hi: int = 16, alone: float = 0.02) -> int:
     """How many tasks an engine may hold so it never idles waiting for the next one.
 
     An engine that finishes a task waits ``mean_overhead`` (scheduler round trip) for a
     new one; with ``k`` queued it stays busy if ``(k - 1) * runtime >= overhead``.  Short
     tasks get deep queues (throughput), long tasks shallow ones (balance: a queued
-    task cannot move to an idle engine).
+    task cannot move to an idle engine).  Tasks so long that the wait costs at most
+    ``alone`` of an engine's time get no queue at all: each goes to the first engine
+    that frees, as in a process pool.
     """
     if mean_runtime <= 0:
         return hi
-    return max(lo, min(hi, 1 + math.ceil(mean_overhead / mean_runtime)))
+    ratio = mean_overhead / mean_runtime
+    if ratio <= alone:
+        return 1
+    return max(lo, min(hi, 1 + math.ceil(ratio)))
 
 
 def heart_failures(last_seen: Mapping[Hashable, int], beat: int, misses: int) -> list:

@@ -255,7 +255,9 @@ class TaskScheduler:
         if self.fixed_hwm:
             return self.fixed_hwm
         if self.mean_runtime is None:
-            return 2
+            # nothing measured yet: the first tasks may be long, and one queued behind
+            # a long task could not move to an engine that frees first
+            return 1
         return policy.outstanding_bound(self.mean_runtime, self.mean_overhead or 0.0)
 
     def _dispatch(self) -> None:
