@@ -147,14 +147,19 @@ class Client:
         self.control.connect(addrs.url("control_client", host))
         self.iopub = self._socket(zmq.SUB)
         self.iopub.subscribe(self.session.session.encode())
-        handshake = self.iopub.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        handshakes = [s.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+                      for s in (self.task, self.mux, self.iopub)]
         self.iopub.connect(addrs.url("iopub_client", host))
-        # a PUB drops what a subscriber has not asked for yet: let the subscription
-        # reach the IOPub device before the first task can print (bounded wait)
-        if handshake.poll(2000):
-            handshake.recv_multipart()
-        self.iopub.disable_monitor()
-        handshake.close(linger=0)
+        # a device's ROUTER drops a reply for an identity it does not know yet, and a
+        # PUB what a subscriber has not asked for yet: the receiving sockets must be
+        # connected before the first task goes out on the sending ones, or the first
+        # reply (or output) can be lost (bounded wait; then the hub probe decides)
+        deadline = time.monotonic() + timeout
+        for sock, handshake in zip((self.task, self.mux, self.iopub), handshakes):
+            if handshake.poll(max(0, int((deadline - time.monotonic()) * 1000))):
+                handshake.recv_multipart()
+            sock.disable_monitor()
+            handshake.close(linger=0)
         return reply
 
     def _socket(self, kind: int, identity: bytes | None = None) -> zmq.Socket:
