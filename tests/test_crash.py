@@ -162,6 +162,14 @@ def test_owned_executor_max_tasks_per_child(no_leaks):
         assert len(set(pids)) >= 4  # engines were recycled, no task lost
 
 
+def test_replacement_engines_go_live_without_waiting_for_a_beat(no_leaks):
+    """A new engine's heart is pinged as soon as it subscribes: with a 30 s heartbeat
+    period, recycling after every task still serves (it waited a period per engine)."""
+    with ZmqExecutor(max_workers=1, max_tasks_per_child=1, heartbeat_period=30) as ex:
+        pids = [ex.submit(os.getpid).result(25) for _ in range(4)]
+    assert len(set(pids)) == 4
+
+
 def test_initializer(no_leaks, tmp_path):
     marker = str(tmp_path / "init")
     with ZmqExecutor(max_workers=2, initializer=tasks.touch, initargs=(marker,)) as ex:

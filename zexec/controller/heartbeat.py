@@ -7,7 +7,9 @@
     DEALER --> hub registrar: heart_beating / heart_failure (signed)
 
 Each period the monitor publishes a new beat number; a heart echoes it with its
-identity (the engine's uuid).  A heart whose last echo is more than ``misses`` beats old
+identity (the engine's uuid).  The ping socket is an XPUB: a new heart's subscription
+is answered with the current beat at once, so a new engine goes live in milliseconds,
+not up to a period later (an engine recycled after every task would wait that long).  A heart whose last echo is more than ``misses`` beats old
 is reported failed (``policy.heart_failures``).  A heart whose TCP/IPC connection
 closes (its process died) is reported at once: each pong carries the file descriptor it
 arrived on, and the socket monitor reports that descriptor's disconnect.
@@ -46,7 +48,8 @@ class HeartMonitor:
     def run(self) -> None:
         ctx = zmq.Context()
         info = self.info
-        ping = ctx.socket(zmq.PUB)
+        ping = ctx.socket(zmq.XPUB)
+        ping.setsockopt(zmq.XPUB_VERBOSE, 1)  # every heart's subscription, not only the first
         pong = ctx.socket(zmq.ROUTER)
         for s in (ping, pong):
             s.linger = 0
@@ -62,6 +65,7 @@ class HeartMonitor:
         poller = zmq.Poller()
         poller.register(pong, zmq.POLLIN)
         poller.register(monitor, zmq.POLLIN)
+        poller.register(ping, zmq.POLLIN)
         next_beat = time.monotonic()
         log.info("heartbeat monitor up: period %.2fs, %d misses", self.period, self.misses)
         try:
@@ -73,6 +77,12 @@ class HeartMonitor:
                     ping.send(str(self.beat).encode())
                     next_beat = now + self.period
                 ready = dict(poller.poll(max(0, int((next_beat - time.monotonic()) * 1000)) + 1))
+                if ping in ready:
+                    subscribed = False
+                    while ping.get(zmq.EVENTS) & zmq.POLLIN:
+                        subscribed |= ping.recv()[:1] == b"\x01"  # (un)subscriptions only
+                    if subscribed and self.beat:
+                        ping.send(str(self.beat).encode())  # the beat again: old hearts ignore it
                 if pong in ready:
                     while pong.get(zmq.EVENTS) & zmq.POLLIN:
                         self._on_pong(pong.recv_multipart(copy=False))
