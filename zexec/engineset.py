@@ -134,11 +134,13 @@ class EngineSet:
         log.info("engine set %s: %d engines%s", self.id, self.n, " (replacing)" if self.replace else "")
         self.last_beat = time.monotonic()
         self.heard_hub = False
+        code = 0
         try:
             while not stop["flag"]:
                 silent = time.monotonic() - self.last_beat
                 if silent > (HUB_LOST if self.heard_hub else HUB_FIRST):
                     log.error("no word from the hub for %.0fs: stopping the engines", silent)
+                    code = 1  # a launcher (srun, a job script) should see a failure
                     break
                 ready = dict(poller.poll(1000))
                 if rfd in ready:
@@ -157,7 +159,7 @@ class EngineSet:
             self._kill_all()
             self._reap(hub, {"flag": True})
             ctx.destroy(linger=0)  # stopping: exit reports to a hub going away can wait no more
-        return 0
+        return code
 
     def _reap(self, hub: zmq.Socket, stop: dict) -> None:
         while True:
