@@ -136,20 +136,21 @@ class Client:
         recv_id, send_id = (self.session.session + "-r").encode(), (self.session.session + "-s").encode()
         self.reply_to = recv_id.decode()
         self.task = self._socket(zmq.DEALER, recv_id)
-        self.task.connect(addrs.url("task_client", host))
         self.mux = self._socket(zmq.DEALER, recv_id)
+        self.iopub = self._socket(zmq.SUB)
+        self.iopub.subscribe(self.session.session.encode())
+        # watched from before they connect: a handshake that has happened is not reported
+        handshakes = [s.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+                      for s in (self.task, self.mux, self.iopub)]
+        self.task.connect(addrs.url("task_client", host))
         self.mux.connect(addrs.url("mux_client", host))
+        self.iopub.connect(addrs.url("iopub_client", host))
         self.task_send = self._socket(zmq.DEALER, send_id)
         self.task_send.connect(addrs.url("task_client", host))
         self.mux_send = self._socket(zmq.DEALER, send_id)
         self.mux_send.connect(addrs.url("mux_client", host))
         self.control = self._socket(zmq.DEALER)
         self.control.connect(addrs.url("control_client", host))
-        self.iopub = self._socket(zmq.SUB)
-        self.iopub.subscribe(self.session.session.encode())
-        handshakes = [s.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
-                      for s in (self.task, self.mux, self.iopub)]
-        self.iopub.connect(addrs.url("iopub_client", host))
         # a device's ROUTER drops a reply for an identity it does not know yet, and a
         # PUB what a subscriber has not asked for yet: the receiving sockets must be
         # connected before the first task goes out on the sending ones, or the first
