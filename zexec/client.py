@@ -577,7 +577,7 @@ class Client:
         elif kind == "unregistration":
             self._engine_gone(c)
         elif kind == "hub_beat":
-            self._sync_engines(c.get("engines", {}))
+            self._sync_engines(c.get("engines", {}), c.get("pending", ()), c.get("next_id"))
         elif kind == "lost_message":
             self._recover_lost(str(c.get("msg_id")), str(c.get("device")))
 
@@ -616,11 +616,15 @@ class Client:
         if entry is not None:
             _fail(entry[0], exc)
 
-    def _sync_engines(self, live: dict) -> None:
+    def _sync_engines(self, live: dict, pending=(), next_id=None) -> None:
+        """Converge on a hub_beat's snapshot.  It may be older than the connection reply
+        this client started from (another socket), so an engine it does not list is
+        gone only if the hub knew it then (id below ``next_id``) and not as starting."""
         for info in live.values():
             self._add_engine(info)
-        ids = {info["id"] for info in live.values()}
-        for eid in [e for e in self._engines if e not in ids]:
+        ids = {info["id"] for info in live.values()} | set(pending)
+        known = next_id if isinstance(next_id, int) else float("inf")
+        for eid in [e for e in self._engines if e not in ids and e < known]:
             self._engine_gone(dict(self._engines[eid], reason="unregistered"))
 
     def _add_engine(self, info: dict) -> None:

@@ -72,7 +72,12 @@ class Hub:
         self.registrar.linger = 0
         secure(self.registrar, info, server=True)
         self.registrar.bind(info.bind_url("registration"))
-        self.notif = ctx.socket(zmq.PUB)
+        # an XPUB: a PUB drops what it publishes before a subscriber's connection is up,
+        # and engines can go live within milliseconds of the controller's start, before
+        # the task scheduler has connected; so every new subscription gets the list of
+        # live engines (a hub_beat) at once instead of at the next beat
+        self.notif = ctx.socket(zmq.XPUB)
+        self.notif.setsockopt(zmq.XPUB_VERBOSE, 1)
         self.notif.linger = 0
         self.notif.sndhwm = 0
         secure(self.notif, info, server=True)
@@ -98,8 +103,10 @@ class Hub:
         poller = zmq.Poller()
         poller.register(self.registrar, zmq.POLLIN)
         poller.register(self.monitor, zmq.POLLIN)
+        poller.register(self.notif, zmq.POLLIN)
         registrar_only = zmq.Poller()
         registrar_only.register(self.registrar, zmq.POLLIN)
+        registrar_only.register(self.notif, zmq.POLLIN)
         next_beat = time.monotonic()
         monitor_due = 0.0
         log.info("hub up: registrar at %s", info.bind_url("registration"))
@@ -124,6 +131,12 @@ class Hub:
                         ready[self.monitor] = zmq.POLLIN
                 else:
                     ready = dict(poller.poll(max(1, int(timeout * 1000) + 1)))
+                if self.notif in ready:
+                    subscribed = False
+                    while self.notif.get(zmq.EVENTS) & zmq.POLLIN:
+                        subscribed |= self.notif.recv()[:1] == b"\x01"  # (un)subscriptions only
+                    if subscribed:
+                        self._publish_live()
                 if self.registrar in ready:
                     for _ in range(1000):
                         if not self.registrar.get(zmq.EVENTS) & zmq.POLLIN:
@@ -143,9 +156,16 @@ class Hub:
     def _publish(self, kind: str, content: dict) -> None:
         self.notif.send_multipart(self.session.pack(kind, content, idents=[kind.encode()]))
 
-    def _beat(self) -> None:
+    def _publish_live(self) -> None:
         live = {str(e["id"]): _public(e) for e in self.engines.values() if e["state"] == "live"}
-        self._publish("hub_beat", {"engines": live})
+        # what the snapshot cannot speak for: engines still starting, and those that
+        # register after it (ids from next_id on); a client that learnt of them from a
+        # newer connection reply must not take them for gone
+        pending = [e["id"] for e in self.engines.values() if e["state"] == "pending"]
+        self._publish("hub_beat", {"engines": live, "pending": pending, "next_id": self.next_id})
+
+    def _beat(self) -> None:
+        self._publish_live()
         # A one-frame message leaves a C device waiting, inside its recv, for frames
         # that will never come, and it relays nothing meanwhile.  A message routed to
         # nobody completes it (the merged message goes nowhere and is reported lost
