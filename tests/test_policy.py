@@ -42,3 +42,22 @@ def test_heart_failures():
 def test_ewma():
     assert ewma(None, 5) == 5
     assert ewma(10, 0, 0.5) == 5
+
+
+def test_a_stale_hub_beat_removes_no_engine_it_cannot_speak_for():
+    """A client starts from a connection reply that can be newer than a hub_beat it reads
+    after (another socket): the beat removes only engines the hub knew, and not as starting."""
+    import threading
+
+    from zexec.client import Client
+
+    c = object.__new__(Client)  # the engine bookkeeping only: no sockets
+    c._engines = {i: {"id": i, "uuid": u} for i, u in enumerate("abc")}
+    c._dead, c._futures, c._direct_frames, c._abort_waits, c._draining = {}, {}, {}, {}, {}
+    c._cond = threading.Condition()
+    # taken while engine 1 was starting and before engine 2 registered: both stay
+    c._sync_engines({"0": c._engines[0]}, pending=[1], next_id=2)
+    assert sorted(c._engines) == [0, 1, 2] and not c._dead
+    # a beat that knew all three and lists 0 and 2 live: engine 1 is gone
+    c._sync_engines({"0": c._engines[0], "2": c._engines[2]}, pending=[], next_id=3)
+    assert sorted(c._engines) == [0, 2] and list(c._dead) == [1]
