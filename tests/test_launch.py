@@ -417,6 +417,15 @@ def test_connection_file_must_exist(tmp_path):
         MPILauncher(1, tmp_path / "missing.json")
 
 
+def test_connection_file_without_addresses_is_a_clear_error(tmp_path):
+    from zexec import ZmqExecutor
+
+    path = tmp_path / "noaddr.json"
+    path.write_text('{"key": "abc"}')
+    with pytest.raises(ValueError, match="no 'registration' address"):
+        ZmqExecutor(connection=str(path))
+
+
 @pytest.mark.skipif(sys.version_info < (3, 11), reason="python -P is 3.11+")
 def test_local_engines_import_from_the_clients_path(tmp_path, monkeypatch, no_leaks):
     """LocalCluster's processes see the client's sys.path, not their working directory

@@ -54,7 +54,11 @@ class ConnectionInfo:
 
     def url(self, channel: str, host: str | None = None) -> str:
         """The zmq endpoint of ``channel``; ``host`` overrides the ip for connecting."""
-        where = self.addresses[channel]
+        where = self.addresses.get(channel)
+        if where is None:
+            raise ValueError(f"this connection information has no {channel!r} address (it has: "
+                             f"{', '.join(sorted(self.addresses)) or 'none'}); is it a zexec "
+                             f"connection file written by 'zexec controller'?")
         if self.transport == "ipc":
             return f"ipc://{where}"
         if channel == "monitor":
