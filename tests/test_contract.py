@@ -163,14 +163,8 @@ def test_asyncio_integration(executor):
 
 
 def test_cancel_pending_never_runs(executor, tmp_path):
-    started, release = str(tmp_path / "started"), str(tmp_path / "release")
+    release, blockers = _block_every_engine(executor, tmp_path)
     ran = str(tmp_path / "ran")
-    if isinstance(executor, ZmqExecutor):
-        n = len(executor.engines)
-        blockers = [executor.submit(tasks.wait_for_file, release) for _ in range(n * 20)]
-    else:
-        blockers = [executor.submit(tasks.touch_then_wait, started, release)]
-        wait_until(lambda: os.path.exists(started), 30, what="blocker to start")
     try:
         victim = executor.submit(tasks.touch, ran)
         assert victim.cancel()
@@ -186,13 +180,7 @@ def test_cancel_pending_never_runs(executor, tmp_path):
 def test_cancelled_futures_reach_wait_and_as_completed(executor, tmp_path):
     """A cancelled future is done for ``wait`` and ``as_completed``, whether they were
     already waiting when it was cancelled or are called after."""
-    started, release = str(tmp_path / "started"), str(tmp_path / "release")
-    if isinstance(executor, ZmqExecutor):
-        n = len(executor.engines)
-        blockers = [executor.submit(tasks.wait_for_file, release) for _ in range(n * 20)]
-    else:
-        blockers = [executor.submit(tasks.touch_then_wait, started, release)]
-        wait_until(lambda: os.path.exists(started), 30, what="blocker to start")
+    release, blockers = _block_every_engine(executor, tmp_path)
     ran = str(tmp_path / "ran")
     try:
         victims = [executor.submit(tasks.touch, ran) for _ in range(3)]
@@ -318,6 +306,19 @@ def test_callable_objects_are_pickled_per_submit(executor):
     assert executor.submit(c).result(30) == 1  # a fresh copy each time, as in a process pool
     c.n = 10
     assert executor.submit(c).result(30) == 11
+
+
+def _block_every_engine(executor, tmp_path):
+    """Tasks that hold every engine (and fill the scheduler's per-engine queues) until
+    ``release`` exists, so a task submitted next waits where it can be cancelled."""
+    started, release = str(tmp_path / "started"), str(tmp_path / "release")
+    if isinstance(executor, ZmqExecutor):
+        n = len(executor.engines)
+        blockers = [executor.submit(tasks.wait_for_file, release) for _ in range(n * 20)]
+    else:
+        blockers = [executor.submit(tasks.touch_then_wait, started, release)]
+        wait_until(lambda: os.path.exists(started), 30, what="blocker to start")
+    return release, blockers
 
 
 def _assert_never_ran(executor, release, blockers, ran):
