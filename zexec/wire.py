@@ -67,3 +67,15 @@ def drain(sock: zmq.Socket, handler, limit: int = 1000) -> int:
     except zmq.Again:
         pass
     return n
+
+
+def drain_subscriptions(xpub: zmq.Socket) -> bool:
+    """Read what an XPUB's subscribers sent; True if anyone (re)subscribed.
+
+    The controller answers a new subscriber with the current state at once (a PUB
+    drops what it publishes before a subscriber's connection is up).
+    """
+    subscribed = False
+    while xpub.get(zmq.EVENTS) & zmq.POLLIN:
+        subscribed |= xpub.recv()[:1] == b"\x01"  # the rest are unsubscriptions
+    return subscribed

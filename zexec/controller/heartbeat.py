@@ -9,8 +9,9 @@
 Each period the monitor publishes a new beat number; a heart echoes it with its
 identity (the engine's uuid).  The ping socket is an XPUB: a new heart's subscription
 is answered with the current beat at once, so a new engine goes live in milliseconds,
-not up to a period later (an engine recycled after every task would wait that long).  A heart whose last echo is more than ``misses`` beats old
-is reported failed (``policy.heart_failures``).  A heart whose TCP/IPC connection
+not up to a period later (an engine recycled after every task would wait that long).
+A heart whose last echo is more than ``misses`` beats old is reported failed
+(``policy.heart_failures``).  A heart whose TCP/IPC connection
 closes (its process died) is reported at once: each pong carries the file descriptor it
 arrived on, and the socket monitor reports that descriptor's disconnect.
 """
@@ -23,6 +24,7 @@ import time
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from .. import wire
 from ..connection import ConnectionInfo, secure
 from ..protocol import RateLimitedLog, Session
 from . import policy
@@ -77,12 +79,8 @@ class HeartMonitor:
                     ping.send(str(self.beat).encode())
                     next_beat = now + self.period
                 ready = dict(poller.poll(max(0, int((next_beat - time.monotonic()) * 1000)) + 1))
-                if ping in ready:
-                    subscribed = False
-                    while ping.get(zmq.EVENTS) & zmq.POLLIN:
-                        subscribed |= ping.recv()[:1] == b"\x01"  # (un)subscriptions only
-                    if subscribed and self.beat:
-                        ping.send(str(self.beat).encode())  # the beat again: old hearts ignore it
+                if ping in ready and wire.drain_subscriptions(ping) and self.beat:
+                    ping.send(str(self.beat).encode())  # the beat again: old hearts ignore it
                 if pong in ready:
                     while pong.get(zmq.EVENTS) & zmq.POLLIN:
                         self._on_pong(pong.recv_multipart(copy=False))

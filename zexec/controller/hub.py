@@ -24,6 +24,7 @@ import time
 
 import zmq
 
+from .. import wire
 from ..connection import ConnectionInfo, secure
 from ..errors import ProtocolError
 from ..protocol import DELIM, RateLimitedLog, Session, loads, split_idents
@@ -131,12 +132,8 @@ class Hub:
                         ready[self.monitor] = zmq.POLLIN
                 else:
                     ready = dict(poller.poll(max(1, int(timeout * 1000) + 1)))
-                if self.notif in ready:
-                    subscribed = False
-                    while self.notif.get(zmq.EVENTS) & zmq.POLLIN:
-                        subscribed |= self.notif.recv()[:1] == b"\x01"  # (un)subscriptions only
-                    if subscribed:
-                        self._publish_live()
+                if self.notif in ready and wire.drain_subscriptions(self.notif):
+                    self._publish_live()
                 if self.registrar in ready:
                     for _ in range(1000):
                         if not self.registrar.get(zmq.EVENTS) & zmq.POLLIN:

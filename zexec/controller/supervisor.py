@@ -192,8 +192,4 @@ def _stop_children(children: dict, timeout: float = 3.0) -> None:
         else:
             time.sleep(0.01)  # polling a reap with a deadline, not synchronising on state
     for pid in children:
-        try:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-        except (ProcessLookupError, ChildProcessError):
-            pass
+        _kill(pid)
