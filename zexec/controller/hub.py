@@ -41,6 +41,12 @@ MONITOR_BATCH = 0.02
 #: slower than 1.5 ms waited behind the hub).  Yielding costs a system call.
 YIELD_EVERY = 4
 _yield = getattr(os, "sched_yield", lambda: None)
+#: the processes whose PUB connects to the monitor: MUX, control and IOPub devices,
+#: task scheduler.  Engines go live only once all are connected (or after
+#: MONITOR_GRACE): a copy published before that is dropped, and a message a device
+#: lost then could not be reported to its owner
+MONITOR_PEERS = 4
+MONITOR_GRACE = 2.0
 #: the lost messages whose owner can recover them (a lost status or abort reply cannot be)
 RECOVERABLE = ("apply_request", "apply_reply", "resend_request", "resend_reply")
 NUDGE = [b"zexec-nobody", DELIM, b"", b"{}", b"{}", b"{}"]
@@ -64,6 +70,8 @@ class Hub:
         self.task_queue = 0
         self.bad = RateLimitedLog(log)
         self.stopping = False
+        self.monitor_peers = 0
+        self.started = time.monotonic()
 
     # -- lifecycle -----------------------------------------------------------------------
     def run(self) -> None:
@@ -91,6 +99,7 @@ class Hub:
         if info.transport == "tcp":
             mon_url = f"tcp://127.0.0.1:{info.addresses['monitor']}"  # never off this host
         secure(self.monitor, info, server=True)
+        peers = self.monitor.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)  # before bind
         self.monitor.bind(mon_url)
         # one DEALER on each side of the MUX and control devices, to nudge them each beat
         self.nudges = []
@@ -105,9 +114,11 @@ class Hub:
         poller.register(self.registrar, zmq.POLLIN)
         poller.register(self.monitor, zmq.POLLIN)
         poller.register(self.notif, zmq.POLLIN)
+        poller.register(peers, zmq.POLLIN)
         registrar_only = zmq.Poller()
         registrar_only.register(self.registrar, zmq.POLLIN)
         registrar_only.register(self.notif, zmq.POLLIN)
+        registrar_only.register(peers, zmq.POLLIN)
         next_beat = time.monotonic()
         monitor_due = 0.0
         log.info("hub up: registrar at %s", info.bind_url("registration"))
@@ -134,6 +145,11 @@ class Hub:
                     ready = dict(poller.poll(max(1, int(timeout * 1000) + 1)))
                 if self.notif in ready and wire.drain_subscriptions(self.notif):
                     self._publish_live()
+                if peers in ready:
+                    while peers.get(zmq.EVENTS) & zmq.POLLIN:
+                        peers.recv_multipart()
+                        self.monitor_peers += 1
+                    self._all_maybe_live()
                 if self.registrar in ready:
                     for _ in range(1000):
                         if not self.registrar.get(zmq.EVENTS) & zmq.POLLIN:
@@ -174,6 +190,8 @@ class Hub:
                 pass
 
     def _timers(self, now: float) -> None:
+        if now - self.started > MONITOR_GRACE:
+            self._all_maybe_live()
         for uuid, (deadline, reason) in list(self.pending_death.items()):
             if now >= deadline:
                 del self.pending_death[uuid]
@@ -244,8 +262,17 @@ class Hub:
         self.pending_death.pop(uuid, None)
         self._maybe_live(eng)
 
+    def _monitors_up(self) -> bool:
+        return (self.monitor_peers >= MONITOR_PEERS
+                or time.monotonic() - self.started > MONITOR_GRACE)
+
+    def _all_maybe_live(self) -> None:
+        for eng in list(self.engines.values()):
+            if eng["state"] == "pending":
+                self._maybe_live(eng)
+
     def _maybe_live(self, eng: dict) -> None:
-        if eng["state"] == "pending" and eng["ready"] and eng["heart"]:
+        if eng["state"] == "pending" and eng["ready"] and eng["heart"] and self._monitors_up():
             eng["state"] = "live"
             eng["registered"] = time.time()
             log.info("engine %d live", eng["id"])
