@@ -44,7 +44,12 @@ class LocalCluster:
                  startup_timeout: float = 60.0, hwm: int | None = None,
                  forward_output: bool = True, curve: bool = False,
                  no_engine_timeout: float = 30.0, scheme: str = "leastload") -> None:
-        self.n = n or os.cpu_count() or 1
+        if n is None:
+            n = os.cpu_count() or 1
+        elif n <= 0:
+            # as ProcessPoolExecutor(max_workers=0): a cluster that can run nothing
+            raise ValueError(f"n must be greater than 0 (or None for one engine per core), not {n}")
+        self.n = n
         self.scheme = scheme
         self.transport = transport or ("ipc" if os.name == "posix" else "tcp")
         self.ip = ip
