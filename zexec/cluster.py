@@ -193,7 +193,9 @@ class LocalCluster:
         kwargs.setdefault("retries", self.retries)
         kwargs.setdefault("scheme", self.scheme)
         kwargs.setdefault("forward_output", self.forward_output)
-        return ZmqExecutor(connection=self.connection_file, **kwargs)
+        ex = ZmqExecutor(connection=self.connection_file, **kwargs)
+        ex._made_by = self
+        return ex
 
     def __enter__(self) -> ZmqExecutor:
         self.start()
@@ -218,7 +220,7 @@ class LocalCluster:
             self.stop()
 
     def __del__(self) -> None:
-        if self.procs:
+        if getattr(self, "procs", None):  # None: __init__ refused its arguments
             self.stop(timeout=1.0)
 
 

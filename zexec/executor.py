@@ -158,6 +158,10 @@ class ZmqExecutor(_ExecutorBase):
         self._load: dict[int, int] = {}
         self._load_lock = threading.Lock()
         self._cluster = None
+        #: the LocalCluster that made this executor (``LocalCluster.executor()``): kept
+        #: alive by it, so dropping the cluster's last name does not stop its processes
+        #: under a live executor; not stopped by its shutdown (whoever started it does)
+        self._made_by = None
         if connection is None:
             if max_workers is not None and max_workers <= 0:
                 raise ValueError("max_workers must be greater than 0")
@@ -241,8 +245,8 @@ class ZmqExecutor(_ExecutorBase):
 
     @property
     def cluster(self):
-        """The LocalCluster this executor owns, if any."""
-        return self._cluster
+        """The LocalCluster this executor owns or was made by, if any."""
+        return self._cluster or self._made_by
 
     @property
     def client(self) -> Client:
