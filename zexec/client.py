@@ -41,7 +41,8 @@ import zmq
 
 from . import serialize, wire
 from .connection import ConnectionInfo, secure
-from .errors import ClusterLostError, EngineDiedError, NoEnginesError, ProtocolError, ZexecError
+from .errors import (ClusterLostError, EngineDiedError, InitializerError, NoEnginesError,
+                     ProtocolError, RemoteTraceback, ZexecError)
 from .futures import Verdicts, ZFuture, cancel_dropped, resolve
 from .futures import fail as _fail
 from .protocol import RateLimitedLog, Session, loads, split_idents
@@ -661,7 +662,20 @@ class Client:
             # like a pool whose worker cannot start: nothing submitted can be trusted to run
             from concurrent.futures.process import BrokenProcessPool
 
-            self._break(BrokenProcessPool(f"engine {eid} could not start: {info.get('reason')}"))
+            reason = str(info.get("reason", ""))
+            tb = info.get("traceback")
+            if reason.startswith("initializer failed"):
+                err: BaseException = InitializerError(f"engine {eid} could not start: {reason}")
+            else:
+                err = BrokenProcessPool(f"engine {eid} could not start: {reason}")
+            if isinstance(tb, str) and tb:
+                if self._broken is None:
+                    # what ProcessPoolExecutor's worker prints, here in the user's process
+                    # (the engine's own stderr is its log file); once, not per engine
+                    print(f"Exception in initializer:\n{tb.rstrip()}", file=sys.stderr,
+                          flush=True)
+                err.__cause__ = RemoteTraceback(tb)
+            self._break(err)
 
     def _break(self, exc: BaseException, mark: bool = True) -> None:
         """Fail every pending future with ``exc``; with ``mark``, refuse new work too."""

@@ -9,8 +9,10 @@ every process.  Each child also exits when this process dies, even by SIGKILL.
 
 from __future__ import annotations
 
+import glob
 import multiprocessing
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -22,9 +24,12 @@ from typing import Any, Callable
 from . import executor as _executor
 from ._proc import tail
 from .connection import AUTHKEY_ENV, ConnectionInfo, allocate, new_curve_keys, new_key
-from .errors import ClusterStartError, InitializerError
+from .errors import ClusterStartError, InitializerError, RemoteTraceback
 from .executor import ZmqExecutor
 from .protocol import Signer
+
+#: the first line of a log record (zexec._proc.setup_logging's format)
+_LOG_RECORD = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ ")
 
 
 class LocalCluster:
@@ -150,12 +155,34 @@ class LocalCluster:
             if rc is not None:
                 text = tail(self.logs[name], 200)
                 if "initializer failed" in text:
-                    raise InitializerError(
-                        f"the engines' initializer failed; the end of {self.logs[name]}:\n"
-                        + "\n".join(text.splitlines()[-20:]))
+                    tb = self._initializer_traceback()
+                    if not tb:
+                        raise InitializerError(
+                            f"the engines' initializer failed; the end of {self.logs[name]}:\n"
+                            + "\n".join(text.splitlines()[-20:]))
+                    # as ProcessPoolExecutor's worker prints it (see Client._fail_engine_tasks)
+                    print(f"Exception in initializer:\n{tb}", file=sys.stderr, flush=True)
+                    err = InitializerError(f"the engines' initializer failed: {tb.splitlines()[-1]}")
+                    err.__cause__ = RemoteTraceback(tb)
+                    raise err
                 raise ClusterStartError(
                     f"the {name} process exited with {rc}; the end of {self.logs[name]}:\n"
                     + tail(self.logs[name]))
+
+    def _initializer_traceback(self) -> str | None:
+        """The traceback a failed initializer left in an engine's log, if one did."""
+        marker = "Exception in initializer:\n"
+        for path in sorted(glob.glob(os.path.join(self.dir, "engine-*.log"))):
+            text = tail(path, 400)
+            if marker not in text:
+                continue
+            lines = []
+            for line in text.rpartition(marker)[2].splitlines():
+                if _LOG_RECORD.match(line):
+                    break  # the next log record
+                lines.append(line)
+            return "\n".join(lines).rstrip()
+        return None
 
     def wait_for_engines(self, client, timeout: float | None = None) -> None:
         try:

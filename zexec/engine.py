@@ -45,6 +45,8 @@ log = logging.getLogger("zexec.engine")
 FN_CACHE_SIZE = 256
 #: the exit code of an engine whose initializer raised (the engine set stops replacing)
 INITIALIZER_FAILED = 5
+#: the end of a failed initializer's traceback sent to the client
+TRACEBACK_MAX = 16 * 1024
 #: direct replies kept for resending, and the largest kept
 RECENT_REPLIES = 256
 RECENT_MAX_BYTES = 1 << 20
@@ -221,9 +223,13 @@ class Engine:
                 try:
                     self.initializer(*self.initargs)
                 except BaseException as e:  # noqa: BLE001 - reported, then the engine exits
-                    log.exception("initializer failed")
+                    # the traceback into the user's code travels with the goodbye: the
+                    # client prints it, as ProcessPoolExecutor's worker does
+                    text = serialize.format_exception(serialize.drop_internal_frames(e))
+                    log.error("Exception in initializer:\n%s", text.rstrip())
                     self._goodbye(f"initializer failed: {type(e).__name__}: {e}",
-                                  INITIALIZER_FAILED, fatal=True)
+                                  INITIALIZER_FAILED, fatal=True,
+                                  traceback=text[-TRACEBACK_MAX:])
                     return INITIALIZER_FAILED
             return self._loop()
         finally:
@@ -233,10 +239,10 @@ class Engine:
                     sock.close(linger=2000)
             self.ctx.term()  # the heart and watchdog threads see ETERM and close theirs
 
-    def _goodbye(self, reason: str, exitcode: int, fatal: bool = False) -> None:
+    def _goodbye(self, reason: str, exitcode: int, fatal: bool = False, **extra) -> None:
         self.registrar.send_multipart(self.session.pack(
             "unregistration_notification",
-            {"uuid": self.uuid, "reason": reason, "exitcode": exitcode, "fatal": fatal}))
+            {"uuid": self.uuid, "reason": reason, "exitcode": exitcode, "fatal": fatal, **extra}))
 
     def _poll_once(self, poller: zmq.Poller, timeout: int) -> None:
         for s, _ in poller.poll(timeout):
@@ -440,7 +446,7 @@ class Engine:
                 reply, frames = serialize.exception_frames(e)
             del result
         except BaseException as e:  # noqa: BLE001 - the task's own exception goes back to its caller
-            reply, frames = serialize.exception_frames(e)
+            reply, frames = serialize.exception_frames(serialize.drop_internal_frames(e))
             del e
         finally:
             sys.stdout, sys.stderr = out, err

@@ -11,8 +11,12 @@ that cannot unpickle the exception still reports it faithfully as RemoteError.
 
 from __future__ import annotations
 
+import collections
+import io
+import os
 import pickle
 import traceback as tb_mod
+import types
 from typing import Any, Callable, Sequence
 
 import cloudpickle
@@ -29,6 +33,33 @@ try:
     from cloudpickle.cloudpickle import _PICKLE_BY_VALUE_MODULES as _BY_VALUE
 except ImportError:  # pragma: no cover - older cloudpickle
     _BY_VALUE = {"?"}
+
+
+_CLOUD_REDUCE_CODE = cloudpickle.Pickler.dispatch_table.get(types.CodeType)
+
+
+def _reduce_code(code: types.CodeType):
+    """cloudpickle's reducer for a code object, keeping the real ``co_filename``.
+
+    cloudpickle writes "<dynamic-code>" for every function it sends by value (those of
+    ``__main__``), so an engine's traceback could show neither the file nor its source
+    line.  With the real name, ``linecache`` finds the source where the file exists (on
+    the engine's host for the text traceback, in the user's process for the rebuilt one).
+    """
+    ctor, args = _CLOUD_REDUCE_CODE(code)
+    return ctor, tuple(code.co_filename if a == "<dynamic-code>" else a for a in args)
+
+
+class _Pickler(cloudpickle.Pickler):
+    dispatch_table = collections.ChainMap(
+        {types.CodeType: _reduce_code} if _CLOUD_REDUCE_CODE is not None else {},
+        cloudpickle.Pickler.dispatch_table)
+
+
+def _cloud_dumps(obj: Any, buffer_callback) -> bytes:
+    with io.BytesIO() as f:
+        _Pickler(f, protocol=PROTOCOL, buffer_callback=buffer_callback).dump(obj)
+        return f.getvalue()
 
 
 def dumps(obj: Any) -> list:
@@ -56,7 +87,7 @@ def dumps(obj: Any) -> list:
         except Exception:  # noqa: BLE001 - cloudpickle below handles it or raises the real error
             pass
         bufs.clear()
-    stream = cloudpickle.dumps(obj, protocol=PROTOCOL, buffer_callback=callback)
+    stream = _cloud_dumps(obj, callback)
     return [stream, *bufs]
 
 
@@ -71,6 +102,23 @@ def loads(frames: Sequence[Any]) -> Any:
 def run_chunk(fn: Callable, chunk: Sequence[tuple]) -> list:
     """Apply ``fn`` to each argument tuple of a chunk (one task of a chunked ``map``)."""
     return [fn(*args) for args in chunk]
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def drop_internal_frames(exc: BaseException) -> BaseException:
+    """Drop the leading traceback entries of zexec's own code (the engine's task loop).
+
+    What is left starts in the user's function, as ProcessPoolExecutor's traceback does;
+    an exception raised by zexec itself (no user frame at all) keeps every frame.
+    """
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        tb = tb.tb_next
+    if tb is not None:
+        exc.__traceback__ = tb
+    return exc
 
 
 def format_exception(exc: BaseException) -> str:

@@ -304,6 +304,9 @@ class Hub:
         eng = self.engines.get(str(msg.content["uuid"]))
         if eng is not None:
             eng["fatal"] = bool(msg.content.get("fatal"))
+            tb = msg.content.get("traceback")
+            if isinstance(tb, str):
+                eng["traceback"] = tb[-16384:]  # a failed initializer's, for the clients
             self._declare_dead(eng, str(msg.content.get("reason", "unregistered")),
                                msg.content.get("exitcode"))
 
@@ -423,7 +426,8 @@ class Hub:
 
 
 def _public(eng: dict) -> dict:
-    keys = ("id", "uuid", "hostname", "pid", "log", "launcher", "max_tasks", "reason", "exitcode", "fatal")
+    keys = ("id", "uuid", "hostname", "pid", "log", "launcher", "max_tasks", "reason", "exitcode", "fatal",
+            "traceback")
     return {k: eng[k] for k in keys if eng.get(k) is not None}
 
 
