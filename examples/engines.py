@@ -18,7 +18,8 @@ def recall(key):
 
 
 if __name__ == "__main__":
-    with LocalCluster(2) as ex:
+    cluster = LocalCluster(2)
+    with cluster as ex:
         first, second = (ex.engine(i) for i in ex.engines)
         pid = first.submit(remember, "answer", 42).result()
         print(f"stored on engine {first.engine_id} (pid {pid})")
@@ -29,4 +30,5 @@ if __name__ == "__main__":
             first.submit(os._exit, 3).result()
         except EngineDiedError as e:
             print("as expected:", e)
+        cluster.wait_for_engines(ex.client)  # until the replacement has registered
         print("still serving:", ex.submit(pow, 2, 10).result(), "engines now", ex.engines)
