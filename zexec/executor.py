@@ -112,6 +112,33 @@ class _ExecutorBase(Executor):
 
         return result_iterator()
 
+    def broadcast(self, fn: Callable, /, *args: Any, **kwargs: Any) -> list[Future]:
+        """Run ``fn(*args, **kwargs)`` once on every live engine: one future per engine.
+
+        Each call goes through the MUX to its engine (as ipyparallel's
+        ``DirectView.apply`` or dask's ``Client.run``): for set-up (imports, a global
+        loaded once per engine) or to gather per-engine state.  Engines that join later,
+        replacements included, do not run it: use the cluster's ``initializer`` for what
+        every engine must have.  The futures come in engine-id order; an engine that dies
+        meanwhile fails its own future with EngineDiedError.
+        """
+        with self._shutdown_lock:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            client = self._client
+            client.check()
+            futures = []
+            for eid in client.engines:
+                try:
+                    fut = client.submit(fn, args, kwargs, target=eid)
+                except (ValueError, BrokenExecutor) as e:
+                    # the engine left between the listing and the send
+                    client.check()
+                    fut = Future()
+                    fut.set_exception(e)
+                futures.append(self._track(fut))
+            return futures
+
     def _refuse_wait_in_callback(self) -> None:
         """Done-callbacks run in the client's IO thread, the one thread that resolves
         futures: waiting there would wait forever.  Refused as ProcessPoolExecutor
