@@ -90,3 +90,17 @@ def test_failing_initializer_prints_its_traceback(no_leaks, tmp_path):
     assert "ValueError: boom" in r.stdout, r.stdout
     assert "cause: Traceback" in r.stdout and frame in r.stdout, r.stdout
     assert os.path.join("zexec", "engine.py") not in r.stdout + r.stderr
+
+
+def test_status_is_current_right_after_a_map(cluster):
+    # the task scheduler sends its records to the hub in batches; status() must still
+    # count every task whose result the caller already has
+    ex = cluster.ex
+    before = ex.status()["tasks"]
+    assert list(ex.map(abs, range(-100, 0))) == list(range(100, 0, -1))
+    after = ex.status()
+    assert after["current"] is True
+    for key in ("submitted", "ok"):
+        assert after["tasks"].get(key, 0) - before.get(key, 0) == 100, (before, after["tasks"])
+    assert sum(e["tasks_done"] for e in after["engines"]) >= 100
+    assert all(e["queued"] == 0 for e in after["engines"]), after["engines"]

@@ -53,6 +53,8 @@ NUDGE = [b"zexec-nobody", DELIM, b"", b"{}", b"{}", b"{}"]
 REGISTRATION_TIMEOUT = 30.0
 #: after a heart disconnects, how long to wait for its launcher's exit report
 EXIT_REPORT_GRACE = 0.3
+#: how long a queue_request waits for the task scheduler's records (see _do_queue_request)
+FLUSH_WAIT = 0.5
 
 
 class Hub:
@@ -72,6 +74,9 @@ class Hub:
         self.stopping = False
         self.monitor_peers = 0
         self.started = time.monotonic()
+        self.flush_seq = 0
+        self.flushed = 0
+        self.status_waiting: list[tuple[int, float, object]] = []
 
     # -- lifecycle -----------------------------------------------------------------------
     def run(self) -> None:
@@ -130,6 +135,11 @@ class Hub:
                     next_beat = now + BEAT_INTERVAL
                 self._timers(now)
                 timeout = next_beat - now
+                if self.status_waiting:
+                    # a status request waits on the task scheduler's records: read them at
+                    # once, not a monitor batch later
+                    monitor_due = 0.0
+                    timeout = min(timeout, min(t for _, t, _ in self.status_waiting) - now)
                 if self.pending_death:
                     timeout = min(timeout, min(t for t, _ in self.pending_death.values()) - now)
                 # Task records are read in batches, MONITOR_BATCH apart: a hub woken for
@@ -163,6 +173,8 @@ class Hub:
                         self._on_monitor(self.monitor.recv_multipart(copy=False))
                         if i % YIELD_EVERY == YIELD_EVERY - 1:
                             _yield()
+                if self.status_waiting:
+                    self._answer_status(time.monotonic())
         finally:
             ctx.destroy(linger=200)
 
@@ -337,6 +349,30 @@ class Hub:
                     {"status": "ok", "addresses": self._addresses(), "engines": live}, msg.header)
 
     def _do_queue_request(self, msg) -> None:
+        """Answered once the task scheduler has sent every record it holds.
+
+        It sends its records in batches, RECORD_INTERVAL apart, so the counts could lag
+        the replies a client already has by that much.  Asked to flush (a notification
+        with a sequence number), it sends what it holds at once, tagged with the number;
+        records it has forwarded replies for are all in that batch, or before it on the
+        same connection.  Should it not answer within FLUSH_WAIT, the reply goes out
+        anyway, marked ``"current": False``.
+        """
+        self.flush_seq += 1
+        self._publish("flush_records", {"seq": self.flush_seq})
+        self.status_waiting.append((self.flush_seq, time.monotonic() + FLUSH_WAIT, msg))
+
+    def _answer_status(self, now: float) -> None:
+        waiting, self.status_waiting = self.status_waiting, []
+        for seq, deadline, msg in waiting:
+            if seq <= self.flushed:
+                self._queue_reply(msg, current=True)
+            elif now >= deadline:
+                self._queue_reply(msg, current=False)
+            else:
+                self.status_waiting.append((seq, deadline, msg))
+
+    def _queue_reply(self, msg, current: bool) -> None:
         engines = []
         for e in sorted(self.engines.values(), key=lambda e: e["id"]):
             d = _public(e)
@@ -349,7 +385,7 @@ class Hub:
         self._reply(msg.idents, "queue_reply",
                     {"status": "ok", "engines": engines, "dead": dead,
                      "task_queue": self.task_queue, "tasks": dict(self.counts),
-                     "records": len(self.records)}, msg.header)
+                     "records": len(self.records), "current": current}, msg.header)
 
     def _do_shutdown_request(self, msg) -> None:
         log.info("shutdown requested")
@@ -423,6 +459,9 @@ class Hub:
             if i % (YIELD_EVERY * 8) == YIELD_EVERY * 8 - 1:
                 _yield()
         self.task_queue = rec.get("queue", self.task_queue)
+        flushed = rec.get("flushed")
+        if isinstance(flushed, int):
+            self.flushed = max(self.flushed, flushed)
 
 
 def _public(eng: dict) -> dict:

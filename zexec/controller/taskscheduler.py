@@ -337,6 +337,8 @@ class TaskScheduler:
             self._add_engine(c)
         elif kind == "unregistration":
             self._engine_died(c)
+        elif kind == "flush_records":
+            self._flush_records(flushed=c.get("seq"))
         elif kind == "hub_beat":
             live = c.get("engines", {})
             for info in live.values():
@@ -419,13 +421,17 @@ class TaskScheduler:
         log.info("engine %s gone (%s): %d tasks resubmitted, %d failed",
                  eng.id, info.get("reason", "?"), retried, failed)
 
-    def _flush_records(self) -> None:
+    def _flush_records(self, flushed: int | None = None) -> None:
         # batched on a clock: a message to the hub per task would wake it per task,
-        # and on a small machine every extra wake-up is latency for someone else
+        # and on a small machine every extra wake-up is latency for someone else.
+        # ``flushed``: the hub asks for everything now, to answer a status request
         now = time.monotonic()
-        if (self._submitted or self._done) and (now >= self._next_flush or len(self._done) > 5000):
+        if flushed is not None or (
+                (self._submitted or self._done) and (now >= self._next_flush or len(self._done) > 5000)):
             self._next_flush = now + RECORD_INTERVAL
             rec = {"submitted": self._submitted, "done": self._done, "queue": len(self.queue)}
+            if isinstance(flushed, int):
+                rec["flushed"] = flushed
             self.mon.send_multipart([b"task", dumps(rec)])
             self._submitted = []
             self._done = []
