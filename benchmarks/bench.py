@@ -737,20 +737,27 @@ def write_markdown(path: str, results: dict, cfg: dict, command: str, started: s
         lines += [f"- {PEER_LABEL[p]}: {n}" for p, n in notes]
     lines += ["", MD_END]
     block = "\n".join(lines)
+    replace_section(path, MD_BEGIN, MD_END, block, footer=(
+        "\n\n## How to run\n\n```\npip install -e '.[bench]'\npython benchmarks/bench.py "
+        "--markdown docs/performance.md\n```\n"))
+
+
+def replace_section(path: str, begin: str, end: str, block: str, heading: str = "",
+                    footer: str = "") -> None:
+    """Put ``block`` (which starts with ``begin`` and ends with ``end``) into the file at
+    ``path``: in place of the section between those markers, else at the end (under
+    ``heading``); a new file gets a "# Performance" title and ``footer``."""
     text = None
     if os.path.exists(path):
         with open(path) as f:
             text = f.read()
-    if text and MD_BEGIN in text and MD_END in text:
-        pre, rest = text.split(MD_BEGIN, 1)
-        post = rest.split(MD_END, 1)[1]
-        text = pre + block + post
+    if text and begin in text and end in text:
+        pre, rest = text.split(begin, 1)
+        text = pre + block + rest.split(end, 1)[1]
     elif text:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
+        text = text.rstrip("\n") + "\n\n" + (heading + "\n\n" if heading else "") + block + "\n"
     else:
-        text = ("# Performance\n\n" + block + "\n\n## How to run\n\n```\n"
-                "pip install -e '.[bench]'\npython benchmarks/bench.py --markdown "
-                "docs/performance.md\n```\n")
+        text = "# Performance\n\n" + (heading + "\n\n" if heading else "") + block + footer + "\n"
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         f.write(text)
