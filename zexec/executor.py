@@ -231,7 +231,7 @@ class ZmqExecutor(_ExecutorBase):
         else:
             client = Client(connection, timeout=timeout, forward_output=forward_output)
         self._owns_client = not isinstance(connection, Client)
-        self._max_workers = max_workers
+        self._workers_asked = max_workers
         self._stopped = threading.Event()
         _live.add(self)
         self._init_base(client, retries)
@@ -269,6 +269,13 @@ class ZmqExecutor(_ExecutorBase):
                 self._load[target] = n
             else:
                 self._load.pop(target, None)
+
+    @property
+    def _max_workers(self) -> int | None:
+        """The live engine count (what ProcessPoolExecutor's attribute of this name says:
+        how many tasks run at once).  dask reads it to size its work, so it follows the
+        cluster as engines join and leave; None while there is no engine at all."""
+        return len(self._client._engines) or self._workers_asked
 
     @property
     def cluster(self):
