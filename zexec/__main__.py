@@ -1,4 +1,9 @@
-"""Command line: ``zexec controller|engine|status|stop|local`` (also ``python -m zexec``)."""
+"""Command line: ``zexec controller|engine|status|stop|local`` (also ``python -m zexec``).
+
+Every failure a user can cause (a missing or stale connection file, a directory that
+does not exist, a controller that does not answer) is one line on stderr and exit
+status 1, never a Python traceback.
+"""
 
 from __future__ import annotations
 
@@ -8,18 +13,48 @@ import os
 import sys
 import time
 
+DEFAULT_CONNECTION_FILE = "zexec-cluster.json"
+
+
+class CommandError(Exception):
+    """A failure to report as one line (``zexec CMD: error: ...``), with exit status 1."""
+
+
+def _read_info(path: str):
+    """The connection file, or a CommandError that says what is wrong with it."""
+    from .connection import ConnectionInfo
+
+    try:
+        return ConnectionInfo.read(path)
+    except FileNotFoundError:
+        raise CommandError(f"no connection file {path} (a controller writes it: "
+                           "zexec controller --connection-file PATH)") from None
+    except IsADirectoryError:
+        raise CommandError(f"{path} is a directory, not a connection file") from None
+    except OSError as e:
+        raise CommandError(f"cannot read the connection file {path}: {e.strerror}") from None
+    except (ValueError, TypeError, KeyError) as e:
+        raise CommandError(f"{path} is not a zexec connection file ({e})") from None
+
+
+def _port_range(text: str) -> tuple[int, int]:
+    try:
+        a, b = (int(x) for x in text.split("-"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port range like 20000-20100") from None
+    if not 0 < a <= b < 65536:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port range like 20000-20100")
+    return a, b
+
 
 def _controller(args) -> int:
     from .connection import ConnectionInfo, allocate, new_curve_keys, new_key
     from .controller import supervisor
 
     if args.reuse:
-        info = ConnectionInfo.read(args.connection_file)
+        info = _read_info(args.connection_file)
     else:
-        rng = None
-        if args.port_range:
-            a, b = args.port_range.split("-")
-            rng = (int(a), int(b))
+        rng = args.port_range
         location = args.location
         if location is None and args.ip in ("0.0.0.0", "*"):
             import socket
@@ -29,8 +64,19 @@ def _controller(args) -> int:
                               heartbeat_period=args.heartbeat_period,
                               heartbeat_misses=args.heartbeat_misses, location=location,
                               curve=new_curve_keys() if args.curve else None)
-        info = allocate(info, port_range=rng)
-        info.write(args.connection_file)
+        try:
+            info = allocate(info, port_range=rng)
+        except OSError as e:
+            raise CommandError(f"cannot listen on {args.ip}: {e.strerror or e}") from None
+        folder = os.path.dirname(os.path.abspath(args.connection_file))
+        if not os.path.isdir(folder):
+            raise CommandError(f"cannot write the connection file {args.connection_file}: "
+                               f"no directory {folder}")
+        try:
+            info.write(args.connection_file)
+        except OSError as e:
+            raise CommandError(f"cannot write the connection file {args.connection_file}: "
+                               f"{e.strerror}") from None
     path = os.path.abspath(args.connection_file)
     return supervisor.run(info, hwm=args.hwm, parent_pid=args.parent_pid,
                           no_engine_timeout=args.no_engine_timeout, cleanup=tuple(args.cleanup),
@@ -38,24 +84,41 @@ def _controller(args) -> int:
 
 
 def _engine(args) -> int:
-    from .connection import ConnectionInfo
     from .engineset import main
 
-    info = ConnectionInfo.read(args.connection_file)
+    info = _read_info(args.connection_file)
     return main(info, args.n, parent_pid=args.parent_pid, replace=args.replace,
                 log_dir=args.log_dir, max_tasks=args.max_tasks, init_file=args.init_file)
 
 
 def _client(args):
-    from .client import Client
+    """A client of the cluster; a controller that does not answer is a one-line error.
 
-    return Client(args.connection_file, timeout=args.timeout, forward_output=False)
+    A live controller answers in milliseconds, so the wait is short (--connect-timeout):
+    a stale connection file (the controller is gone) is reported at once.
+    """
+    from .client import Client
+    from .errors import ClusterLostError
+
+    info = _read_info(args.connection_file)
+    try:
+        return Client(info, timeout=args.connect_timeout, forward_output=False)
+    except ClusterLostError as e:
+        raise CommandError(f"{e}; if the controller was stopped, the connection file "
+                           f"{args.connection_file} is stale") from None
+
+
+def _request(c, msg_type: str, timeout: float) -> dict:
+    try:
+        return c.request(msg_type, timeout=timeout)
+    except TimeoutError as e:
+        raise CommandError(str(e)) from None
 
 
 def _status(args) -> int:
     c = _client(args)
     try:
-        st = c.request("queue_request", timeout=args.timeout)
+        st = _request(c, "queue_request", args.timeout)
     finally:
         c.close()
     if args.json:
@@ -75,7 +138,7 @@ def _stop(args) -> int:
     try:
         engines = c.engines
         c.shutdown_engines(engines)
-        c.request("shutdown_request", timeout=args.timeout)
+        _request(c, "shutdown_request", args.timeout)
     finally:
         c.close()
     print(f"stopped the controller and {len(engines)} engines")
@@ -84,21 +147,37 @@ def _stop(args) -> int:
 
 def _local(args) -> int:
     from .cluster import LocalCluster
+    from .errors import ClusterStartError
 
-    cluster = LocalCluster(args.n, transport="tcp", ip=args.ip)
-    with cluster as ex:
+    try:
+        cluster = LocalCluster(args.n, transport="tcp", ip=args.ip)
+        ex = cluster.__enter__()
+    except ValueError as e:
+        raise CommandError(str(e)) from None
+    except OSError as e:
+        raise CommandError(f"cannot listen on {args.ip}: {e.strerror or e}") from None
+    except ClusterStartError as e:
+        # its message quotes a log that is gone with the cluster: keep its last line
+        lines = [line for line in str(e).splitlines() if line.strip()]
+        head = lines[0].split("; the end of")[0].rstrip(":")
+        raise CommandError(head + (f": {lines[-1].strip()}" if len(lines) > 1 else "")) from None
+    except KeyboardInterrupt:
+        return 130
+    try:
         print(f"zexec LocalCluster: {len(ex.engines)} engines; connection file: "
               f"{cluster.connection_file}", flush=True)
         print("Ctrl-C to stop", flush=True)
-        try:
-            while True:
-                time.sleep(3600)  # the foreground process just waits for Ctrl-C
-        except KeyboardInterrupt:
-            print("stopping", flush=True)
+        while True:
+            time.sleep(3600)  # the foreground process just waits for Ctrl-C
+    except KeyboardInterrupt:
+        print("stopping", flush=True)
+    finally:
+        cluster.__exit__(None, None, None)
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
+    """The command line's parser (its sub-commands and every option's help)."""
     p = argparse.ArgumentParser(prog="zexec", description="A ZeroMQ compute cluster behind concurrent.futures.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -106,8 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--ip", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for all)")
     c.add_argument("--location", default=None,
                    help="address engines and clients connect to, when --ip is 0.0.0.0 (default: this host's address)")
-    c.add_argument("--port-range", help="ports to use, e.g. 20000-20100 (default: any free)")
-    c.add_argument("--connection-file", default="zexec-cluster.json", help="where to write the connection file")
+    c.add_argument("--port-range", type=_port_range, help="ports to use, e.g. 20000-20100 (default: any free)")
+    c.add_argument("--connection-file", default=DEFAULT_CONNECTION_FILE,
+                   help="where to write the connection file (default %(default)s)")
     c.add_argument("--heartbeat-period", type=float, default=0.5, help="seconds between pings (default 0.5)")
     c.add_argument("--heartbeat-misses", type=int, default=6,
                    help="missed pings before an engine is declared dead (default 6)")
@@ -132,21 +212,35 @@ def main(argv: list[str] | None = None) -> int:
     e.set_defaults(func=_engine)
 
     for name, fn, text in (("status", _status, "engines, queues and tasks of a running cluster"),
-                           ("stop", _stop, "stop the engines and the controller cleanly")):
-        s = sub.add_parser(name, help=text)
-        s.add_argument("--connection-file", required=True)
-        s.add_argument("--timeout", type=float, default=10.0)
+                           ("stop", _stop, "stop the controller, its engines and the engine sets "
+                                           "that run them")):
+        s = sub.add_parser(name, help=text, description=text)
+        s.add_argument("--connection-file", required=True,
+                       help="the controller's connection file (zexec controller writes it)")
+        s.add_argument("--connect-timeout", type=float, default=2.0,
+                       help="seconds to wait for the controller to answer at all (default "
+                            "%(default)s; a live one answers in milliseconds)")
+        s.add_argument("--timeout", type=float, default=10.0,
+                       help="seconds to wait for the answer to the request (default %(default)s)")
         if name == "status":
             s.add_argument("--json", action="store_true", help="print the raw status as JSON")
         s.set_defaults(func=fn)
 
     loc = sub.add_parser("local", help="run a LocalCluster in the foreground until Ctrl-C")
     loc.add_argument("-n", type=int, default=None, help="number of engines (default: cores)")
-    loc.add_argument("--ip", default="127.0.0.1")
+    loc.add_argument("--ip", default="127.0.0.1",
+                     help="address to bind (default 127.0.0.1; 0.0.0.0 for all)")
     loc.set_defaults(func=_local)
+    return p
 
-    args = p.parse_args(argv)
-    return args.func(args) or 0
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except CommandError as e:
+        print(f"zexec {args.command}: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

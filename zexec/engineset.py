@@ -33,6 +33,8 @@ CRASH_LOOP_COUNT = 5
 #: with no hub_beat for this long (before the first / after one), the engines stop
 HUB_FIRST = 30.0
 HUB_LOST = 10.0
+#: a live hub answers a new subscriber at once: silent this long, say so (stale file?)
+HUB_QUIET = 1.5
 
 
 class EngineSet:
@@ -49,6 +51,7 @@ class EngineSet:
         self.session = Session(info.key_bytes)
         self.children: dict[int, float] = {}
         self.young_deaths = 0
+        self.hub_stopped = False
         self.initializer = None
         self.initargs: tuple = ()
 
@@ -126,6 +129,7 @@ class EngineSet:
         notif.linger = 0
         notif.subscribe(b"unregistration")
         notif.subscribe(b"hub_beat")
+        notif.subscribe(b"shutdown")
         secure(notif, self.info, server=False)
         notif.connect(self.info.url("notification"))
         poller = zmq.Poller()
@@ -134,15 +138,24 @@ class EngineSet:
         log.info("engine set %s: %d engines%s", self.id, self.n, " (replacing)" if self.replace else "")
         self.last_beat = time.monotonic()
         self.heard_hub = False
+        warned = False
         code = 0
         try:
-            while not stop["flag"]:
+            while not stop["flag"] and not self.hub_stopped:
                 silent = time.monotonic() - self.last_beat
                 if silent > (HUB_LOST if self.heard_hub else HUB_FIRST):
-                    log.error("no word from the hub for %.0fs: stopping the engines", silent)
+                    if self.heard_hub:
+                        log.error("no word from the hub for %.0fs: stopping the engines", silent)
+                    else:
+                        log.error("no controller answered at %s for %.0fs: stopping the engines "
+                                  "(is the connection file stale?)", self.info.url("registration"), silent)
                     code = 1  # a launcher (srun, a job script) should see a failure
                     break
-                ready = dict(poller.poll(1000))
+                if not self.heard_hub and not warned and silent > HUB_QUIET:
+                    warned = True
+                    log.warning("no controller answers at %s (is it running, or is the connection "
+                                "file stale?); waiting up to %.0fs", self.info.url("registration"), HUB_FIRST)
+                ready = dict(poller.poll(1000 if self.heard_hub else 250))
                 if rfd in ready:
                     try:
                         while os.read(rfd, 512):
@@ -176,7 +189,7 @@ class EngineSet:
             log.info("engine pid %d exited with %s", pid, rc)
             hub.send_multipart(self.session.pack(
                 "engine_exit", {"launcher": self.id, "pid": pid, "exitcode": rc}))
-            if stop["flag"] or not self.replace:
+            if stop["flag"] or self.hub_stopped or not self.replace:
                 continue
             if rc == INITIALIZER_FAILED:
                 # a failing initializer fails in every engine: the pool is broken
@@ -198,6 +211,10 @@ class EngineSet:
         self.last_beat = time.monotonic()
         self.heard_hub = True
         c = msg.content
+        if msg.header["msg_type"] == "shutdown":
+            log.info("the controller is shutting down: stopping the engines")
+            self.hub_stopped = True
+            return
         pid = c.get("pid")
         if (msg.header["msg_type"] == "unregistration" and c.get("launcher") == self.id
                 and pid in self.children and c.get("exitcode") != 0):

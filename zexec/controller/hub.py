@@ -389,6 +389,9 @@ class Hub:
 
     def _do_shutdown_request(self, msg) -> None:
         log.info("shutdown requested")
+        # engine sets stop with the controller (their engines would only be replaced,
+        # then wait for a hub that is gone); the context's linger sends this before exit
+        self._publish("shutdown", {"reason": "the controller was stopped"})
         self._reply(msg.idents, "shutdown_reply", {"status": "ok"}, msg.header)
         self.stopping = True
 
