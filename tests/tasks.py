@@ -149,3 +149,14 @@ def module_attr(module, name):
 
 def getenv(name):
     return os.environ.get(name)
+
+
+class Scaled:
+    """A callable object around a function, as emcee's and scipy's wrappers are."""
+
+    def __init__(self, fn, k):
+        self.fn = fn
+        self.k = k
+
+    def __call__(self, x):
+        return self.fn(x, self.k)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import functools
 import logging
 import os
 import sys
@@ -187,15 +188,22 @@ class Client:
         if self._closing:
             raise RuntimeError("cannot schedule new futures after the client was closed")
 
-    def _pack_fn(self, fn: Callable) -> tuple[str, list]:
+    def _pack_fn(self, fn: Callable, refs: dict) -> tuple[str, list]:
         """Pickle each function once per client; engines cache it by its key.
 
-        Only plain functions: a callable object (or partial, or bound method) carries
-        state that may change between submits, so it is pickled every time and
-        unpickled afresh for each task (key ""), as ProcessPoolExecutor would.
+        A plain function is sent as its cached frames and key.  A callable object (a
+        partial, a bound method, a wrapper) carries state that may change between
+        submits, so it is pickled every time and unpickled afresh for each task (key
+        ""), as ProcessPoolExecutor would; but a function inside it that would go by
+        value (one of ``__main__``) is written as a reference to its cached frames,
+        which ``refs`` collects (key -> frames): only the state is pickled per task.
+        The arguments are pickled the same way (a function passed to a task).
         """
         if not isinstance(fn, _CACHEABLE):
-            return "", serialize.dumps(fn)
+            return "", serialize.dumps(fn, functools.partial(self._ref_fn, refs))
+        return self._cached_fn(fn)
+
+    def _cached_fn(self, fn: Callable) -> tuple[str, list]:
         entry = self._fn_cache.get(id(fn))
         if entry is not None and entry[0] is fn:
             return entry[1], entry[2]
@@ -207,6 +215,12 @@ class Client:
                 self._fn_cache.popitem(last=False)
         return key, frames
 
+    def _ref_fn(self, refs: dict, fn: Callable) -> str:
+        """The persistent id of a by-value function met inside a task's payload."""
+        key, frames = self._cached_fn(fn)
+        refs[key] = frames
+        return key
+
     def submit(self, fn: Callable, args: Any, kwargs: dict | None = None, *,
                target: int | None = None, retries: int = 0, chunk: bool = False) -> ZFuture:
         """Send one task: load-balanced, or to engine ``target``; returns its future."""
@@ -214,9 +228,11 @@ class Client:
         if target is not None and target not in self._engines:
             self._no_engine(target)
         fut = ZFuture()
+        fn_refs: dict = {}
         try:
-            key, fn_frames = self._pack_fn(fn)
-            arg_frames = serialize.dumps(args if chunk else (args, kwargs or {}))
+            key, fn_frames = self._pack_fn(fn, fn_refs)
+            arg_frames = serialize.dumps(args if chunk else (args, kwargs or {}),
+                                         functools.partial(self._ref_fn, fn_refs))
         except Exception as e:  # noqa: BLE001 - an unpicklable argument fails this future only
             fut.set_exception(e)
             return fut
@@ -226,9 +242,15 @@ class Client:
         content = {"fn": key, "nfn": len(fn_frames)}
         if chunk:
             content["chunk"] = True
-        buffers = [*fn_frames, *arg_frames]
+        ref_frames: list = []
+        if fn_refs:
+            # the functions the payload refers to, first: [[key, number of frames], ...]
+            content["refs"] = [[k, len(v)] for k, v in fn_refs.items()]
+            for v in fn_refs.values():
+                ref_frames += v
+        buffers = [*ref_frames, *fn_frames, *arg_frames]
         if self.shm is not None and len(arg_frames) > 1:
-            refs = self.shm.export(buffers, len(fn_frames))  # [] when tmpfs is full
+            refs = self.shm.export(buffers, len(ref_frames) + len(fn_frames))  # [] when tmpfs is full
             if refs:
                 content["shm"] = refs
                 names = [r[1] for r in refs]

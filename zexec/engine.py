@@ -388,9 +388,9 @@ class Engine:
             parent=parent, idents=idents))
 
     # -- tasks ---------------------------------------------------------------------------
-    def _fn(self, key: str, frames: list):
+    def _fn(self, key: str, frames: list, refs: dict | None = None):
         if not key:
-            return serialize.loads(frames)  # a callable object: fresh for every task
+            return serialize.loads(frames, refs)  # a callable object: fresh for every task
         fn = self.fn_cache.get(key)
         if fn is None:
             fn = serialize.loads(frames)
@@ -424,9 +424,16 @@ class Engine:
                     raise ProtocolError("a shared-memory buffer reached an engine without one")
                 buffers = self.shm.open(buffers, content["shm"])
                 inputs = {r[3]: (r[1], r[2]) for r in content["shm"]}
+            refs = None
+            if content.get("refs"):
+                # the by-value functions the payload refers to (see Client._pack_fn)
+                refs = {}
+                for key, n in content["refs"]:
+                    refs[key] = self._fn(key, buffers[:n])
+                    buffers = buffers[n:]
             nfn = content["nfn"]
-            fn = self._fn(content["fn"], buffers[:nfn])
-            args = serialize.loads(buffers[nfn:])
+            fn = self._fn(content["fn"], buffers[:nfn], refs)
+            args = serialize.loads(buffers[nfn:], refs)
             if content.get("chunk"):
                 result = serialize.run_chunk(fn, args)
             else:

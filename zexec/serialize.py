@@ -15,6 +15,7 @@ import collections
 import io
 import os
 import pickle
+import sys
 import traceback as tb_mod
 import types
 from typing import Any, Callable, Sequence
@@ -56,19 +57,58 @@ class _Pickler(cloudpickle.Pickler):
         cloudpickle.Pickler.dispatch_table)
 
 
-def _cloud_dumps(obj: Any, buffer_callback) -> bytes:
+class _RefPickler(_Pickler):
+    """cloudpickle that writes a function it would send by value as a reference instead:
+    ``by_ref(fn)`` names it (the function itself travels once per client, cached)."""
+
+    def __init__(self, file, by_ref: Callable, **kwargs) -> None:
+        super().__init__(file, **kwargs)
+        self._by_ref = by_ref
+
+    def persistent_id(self, obj: Any):
+        if type(obj) is types.FunctionType and by_value(obj):
+            return self._by_ref(obj)
+        return None
+
+
+class _CRefPickler(pickle.Pickler):
+    """The C pickler with the same references: a partial or a wrapper of an importable
+    class around a ``__main__`` function needs no cloudpickle at all."""
+
+    def __init__(self, file, by_ref: Callable, **kwargs) -> None:
+        super().__init__(file, **kwargs)
+        self._by_ref = by_ref
+
+    persistent_id = _RefPickler.persistent_id
+
+
+def by_value(fn: types.FunctionType) -> bool:
+    """Whether cloudpickle sends this function by value (an engine cannot import it by
+    name): a function of ``__main__``, a lambda, a nested function, or one of a module
+    registered with cloudpickle.register_pickle_by_value."""
+    mod = fn.__module__
+    return (mod == "__main__" or mod is None or "<" in fn.__qualname__ or mod in _BY_VALUE
+            or mod not in sys.modules)
+
+
+def _cloud_dumps(obj: Any, buffer_callback, by_ref: Callable | None = None) -> bytes:
     with io.BytesIO() as f:
-        _Pickler(f, protocol=PROTOCOL, buffer_callback=buffer_callback).dump(obj)
+        if by_ref is None:
+            _Pickler(f, protocol=PROTOCOL, buffer_callback=buffer_callback).dump(obj)
+        else:
+            _RefPickler(f, by_ref, protocol=PROTOCOL, buffer_callback=buffer_callback).dump(obj)
         return f.getvalue()
 
 
-def dumps(obj: Any) -> list:
+def dumps(obj: Any, by_ref: Callable | None = None) -> list:
     """Pickle ``obj`` to frames: [stream, *out-of-band buffers].
 
     The C pickler first (plain data: ~10x faster than cloudpickle's reducer hook);
     cloudpickle when that fails (lambdas, closures, local classes) or when the stream
     names ``__main__``, whose functions an engine cannot import and which cloudpickle
-    therefore sends by value.
+    therefore sends by value.  With ``by_ref``, each such function inside ``obj`` (the
+    one a ``functools.partial``, a bound method or a wrapper holds) is written as the
+    persistent id ``by_ref(fn)`` returns: :func:`loads` needs it back in ``refs``.
     """
     bufs: list = []
 
@@ -80,23 +120,46 @@ def dumps(obj: Any) -> list:
         return False
 
     if not _BY_VALUE:
-        try:
-            stream = pickle.dumps(obj, protocol=PROTOCOL, buffer_callback=callback)
-            if b"__main__" not in stream:
-                return [stream, *bufs]
-        except Exception:  # noqa: BLE001 - cloudpickle below handles it or raises the real error
-            pass
-        bufs.clear()
-    stream = _cloud_dumps(obj, callback)
+        # plain pickle first; with by_ref, the C pickler again with references (a
+        # partial of a __main__ function); cloudpickle last (a lambda, a __main__ class)
+        for ref in (None, by_ref) if by_ref is not None else (None,):
+            try:
+                if ref is None:
+                    stream = pickle.dumps(obj, protocol=PROTOCOL, buffer_callback=callback)
+                else:
+                    with io.BytesIO() as f:
+                        _CRefPickler(f, ref, protocol=PROTOCOL, buffer_callback=callback).dump(obj)
+                        stream = f.getvalue()
+                if b"__main__" not in stream:
+                    return [stream, *bufs]
+            except Exception:  # noqa: BLE001 - cloudpickle below handles it or raises the real error
+                pass
+            bufs.clear()
+    stream = _cloud_dumps(obj, callback, by_ref)
     return [stream, *bufs]
 
 
-def loads(frames: Sequence[Any]) -> Any:
-    """Inverse of :func:`dumps`; out-of-band frames are used without copying."""
+def loads(frames: Sequence[Any], refs: dict | None = None) -> Any:
+    """Inverse of :func:`dumps`; out-of-band frames are used without copying.
+
+    ``refs`` maps the persistent ids of a ``dumps(obj, by_ref)`` to their functions.
+    """
     first = frames[0]
     if not isinstance(first, bytes):
         first = memoryview(first)
-    return pickle.loads(first, buffers=[memoryview(f) for f in frames[1:]])
+    buffers = [memoryview(f) for f in frames[1:]]
+    if not refs:
+        return pickle.loads(first, buffers=buffers)
+    up = pickle.Unpickler(io.BytesIO(first), buffers=buffers)
+
+    def persistent_load(pid):
+        try:
+            return refs[pid]
+        except (KeyError, TypeError):
+            raise pickle.UnpicklingError(f"unknown function reference {pid!r}") from None
+
+    up.persistent_load = persistent_load
+    return up.load()
 
 
 def run_chunk(fn: Callable, chunk: Sequence[tuple]) -> list:
