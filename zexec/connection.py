@@ -92,14 +92,34 @@ class ConnectionInfo:
         return info
 
     def write(self, path: str) -> str:
-        """Write the file with mode 0600 (created so; never world-readable even briefly)."""
+        """Write the file with mode 0600 (created so; never world-readable even briefly).
+
+        The temporary file has a random name and is created with O_EXCL (and without
+        following a symlink): in a shared sticky directory another user could otherwise
+        create it first, keep it open, and read the key we write into their file.
+        """
         path = os.path.abspath(path)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(self.to_dict(), f, indent=1)
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+        for _ in range(100):
+            tmp = f"{path}.{secrets.token_hex(8)}.tmp"
+            try:
+                fd = os.open(tmp, flags, 0o600)
+                break
+            except FileExistsError:
+                continue
+        else:  # pragma: no cover - 100 collisions of 64 random bits
+            raise FileExistsError(f"could not create a temporary file next to {path}")
+        try:
+            with os.fdopen(fd, "w") as f:
+                os.fchmod(f.fileno(), 0o600)  # whatever the umask did
+                json.dump(self.to_dict(), f, indent=1)
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
         return path
 
     @classmethod
