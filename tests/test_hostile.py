@@ -39,3 +39,177 @@ def test_connection_file_temp_is_exclusive_and_private(tmp_path, monkeypatch):
     assert json.loads(path.read_text())["key"] == info.key
     left = sorted(p.name for p in tmp_path.iterdir())
     assert left == sorted(["cluster.json", *(os.path.basename(t) for t in traps)])
+
+
+# -- helpers ---------------------------------------------------------------------------
+
+import psutil  # noqa: E402
+import pytest  # noqa: E402
+import zmq  # noqa: E402
+
+import tasks  # noqa: E402
+from conftest import wait_until  # noqa: E402
+from zexec import LocalCluster  # noqa: E402
+from zexec.protocol import DELIM, Session, Signer, dumps  # noqa: E402
+
+LONE = "\ud800"  # half of a UTF-16 pair: JSON can carry it, UTF-8 cannot
+
+
+def forge(info, header, content=None, parent=None, idents=(), buffers=()):
+    """A message signed with the cluster key whatever its JSON holds (a careless key holder)."""
+    def enc(v):
+        return v if isinstance(v, bytes) else dumps(v if v is not None else {})
+
+    body = [enc(header), enc(parent), enc(content), *buffers]
+    return [*idents, DELIM, Signer(info.key_bytes).sign(body), *body]
+
+
+def header(msg_type, **fields):
+    h = Session(b"x").header(msg_type)
+    h.update(fields)
+    return h
+
+
+def json_bytes(obj) -> bytes:
+    """JSON with escapes (lone surrogates included), as a foreign client would send it."""
+    return json.dumps(obj).encode()
+
+
+def cluster_pids(c) -> set:
+    ctl = psutil.Process(c.procs["controller"].pid)
+    return {ctl.pid, *(p.pid for p in ctl.children(recursive=True))}
+
+
+def assert_serves(c, pids=None):
+    """New tasks of both kinds complete, status() answers, and no process died."""
+    ex = c.ex
+    assert ex.submit(tasks.mul, 6, 7).result(30) == 42
+    for e in ex.engines:
+        assert ex.engine(e).submit(tasks.mul, e, 2).result(30) == 2 * e
+    st = ex.status()
+    assert sorted(e["id"] for e in st["engines"]) == sorted(ex.engines)
+    if pids is not None:
+        dead = [p for p in pids if not psutil.pid_exists(p)
+                or psutil.Process(p).status() == psutil.STATUS_ZOMBIE]
+        assert not dead, f"processes died: {dead}"
+
+
+class Raw:
+    """DEALER/PUB/SUB sockets of a stranger (or a careless key holder) to a cluster's addresses."""
+
+    def __init__(self, info):
+        self.info = info
+        self.ctx = zmq.Context()
+        self.socks = {}
+
+    def sock(self, chan, kind=zmq.DEALER, identity=None):
+        key = (chan, kind, identity)
+        if key not in self.socks:
+            s = self.ctx.socket(kind)
+            s.linger = 0
+            if identity is not None:
+                s.identity = identity
+            s.connect(self.info.url(chan))
+            self.socks[key] = s
+        return self.socks[key]
+
+    def close(self):
+        for s in self.socks.values():
+            s.close(linger=0)
+        self.ctx.term()
+
+
+@pytest.fixture
+def raw(cluster):
+    r = Raw(cluster.ex.client.info)
+    yield r
+    r.close()
+
+
+def engine_uuid(c, eid) -> bytes:
+    return c.ex.client.engine_info(eid)["uuid"].encode()
+
+
+def all_pids(c) -> set:
+    return cluster_pids(c) | {c.ex.client.engine_info(e)["pid"] for e in c.ex.engines}
+
+
+# -- with the key: one message must never take a process down (13, 14) -----------------
+
+CARELESS = {
+    # finding 13: each of these crashed the task scheduler (and so the controller) or the hub
+    "list msg_id": [("task_client", header("apply_request", msg_id=["a", "list"], reply_to="nobody-r"),
+                     {"fn": "", "nfn": 0})],
+    "abort msg_ids 5": [("task_client", header("abort_request", reply_to="nobody-r"), {"msg_ids": 5})],
+    "abort msg_ids nested": [("task_client", header("abort_request", reply_to="nobody-r"),
+                              {"msg_ids": [["a"]]})],
+    "list header to task_client": [("task_client", ["a", "JSON", "list"], {})],
+    "list header to task_engine": [("task_engine", ["a", "JSON", "list"], {})],
+    "list parent_id in apply_reply": [("task_engine as engine", header("apply_reply", parent_id=["x"], status="ok"), {})],
+    "max_tasks lots": [
+        ("registration", header("registration_request"), {"uuid": "careless-1", "max_tasks": "lots", "pid": 1}),
+        ("registration", header("registration_complete"), {"uuid": "careless-1"}),
+        ("registration", header("heart_beating"), {"uuid": "careless-1"})],
+    "lone surrogate uuid": [
+        ("registration", header("registration_request"), json_bytes({"uuid": "careless-" + LONE, "pid": 2})),
+        ("registration", header("registration_complete"), json_bytes({"uuid": "careless-" + LONE})),
+        ("registration", header("heart_beating"), json_bytes({"uuid": "careless-" + LONE}))],
+    # finding 14: each of these killed the engine or its watcher thread
+    "request without msg_id": [("mux_client", {"msg_type": "apply_request", "reply_to": "nobody-r"},
+                                {"fn": "", "nfn": 0})],
+    "resend msg_ids 7": [("mux_client", header("resend_request", reply_to="nobody-r"), {"msg_ids": 7})],
+}
+
+
+@pytest.mark.parametrize("case", sorted(CARELESS), ids=lambda c: c.replace(" ", "_"))
+def test_wrongly_typed_signed_message_is_dropped(cluster, raw, case):
+    """13, 14: a signed but wrongly typed message is dropped and logged; nothing crashes."""
+    info = cluster.ex.client.info
+    pids = all_pids(cluster)
+    eng = engine_uuid(cluster, cluster.ex.engines[0])
+    for chan, hdr, content in CARELESS[case]:
+        idents = [eng] if chan == "mux_client" else []
+        chan, _, as_engine = chan.partition(" as ")
+        sock = raw.sock(chan, identity=eng if as_engine else None)
+        sock.send_multipart(forge(info, hdr, content, idents=idents))
+    assert_serves(cluster, pids)
+
+
+def test_engine_watcher_survives_a_bad_resend_request(cluster, raw):
+    """14: the watcher thread reads the sockets while a task runs; a resend_request whose
+    msg_ids is 7 killed it, and later long tasks were never reported running."""
+    ex = cluster.ex
+    eid = ex.engines[-1]
+    view = ex.engine(eid)
+    f1 = view.submit(tasks.sleep, 1.0)
+    wait_until(f1.running, 20, what="the first task to be reported running")
+    raw.sock("mux_client").send_multipart(forge(
+        ex.client.info, header("resend_request", reply_to="nobody-r"), {"msg_ids": 7},
+        idents=[engine_uuid(cluster, eid)]))
+    f2 = view.submit(tasks.sleep, 1.0)
+    wait_until(f2.running, 20, what="the watcher to report the next task running")
+    assert f1.result(30) == 1.0 and f2.result(30) == 1.0
+
+
+# -- status() and the hub's task table (12) ---------------------------------------------
+
+def _monitor_copy(status) -> list:
+    hdr = {"msg_type": "apply_reply", "msg_id": "m", "parent_id": "p", "status": status}
+    return [zmq.Frame(f) for f in (b"mux_out", b"client-r", b"engine", DELIM, b"",
+                                   json_bytes(hdr), b"{}", b"{}")]
+
+
+def test_hub_counts_only_known_statuses():
+    """12: unsigned copies on the monitor set the status words status() counts: a lone
+    surrogate broke every later status(), and distinct words grew the table for good."""
+    from zexec.controller.hub import Hub
+
+    hub = Hub(ConnectionInfo(key=new_key()))
+    hub._on_monitor(_monitor_copy("ok"))
+    hub._on_monitor(_monitor_copy(LONE))
+    for i in range(20_000):
+        hub._on_monitor(_monitor_copy(f"word-{i}"))
+    hub._on_monitor(_monitor_copy(["a", "list"]))
+    assert hub.counts["ok"] == 1
+    assert len(hub.counts) <= 6, sorted(hub.counts)[:10]
+    dumps({"tasks": dict(hub.counts)})  # what queue_reply sends: it must encode

@@ -46,7 +46,7 @@ from .errors import (ClusterLostError, EngineDiedError, InitializerError, NoEngi
                      ProtocolError, RemoteTraceback, ZexecError)
 from .futures import Verdicts, ZFuture, cancel_dropped, resolve
 from .futures import fail as _fail
-from .protocol import RateLimitedLog, Session, loads, split_idents
+from .protocol import RateLimitedLog, Session, check_content, check_header, loads, split_idents
 
 log = logging.getLogger("zexec.client")
 
@@ -481,10 +481,10 @@ class Client:
         try:
             idents, rest = split_idents(frames)
             self.session.verify(rest)
-            header = loads(rest[1])
+            header = check_header(loads(rest[1]))  # types checked here, once (see protocol)
             # a successful reply says so in its header: its content need not be parsed
             content = ({"status": "ok"} if header.get("status") == "ok" and not header.get("shm")
-                       else loads(rest[3]))
+                       else check_content(header["msg_type"], loads(rest[3])))
         except (ProtocolError, ValueError, UnicodeDecodeError) as e:
             self._bad("reply", str(e))
             return

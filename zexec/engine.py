@@ -38,7 +38,7 @@ from zmq.utils.monitor import recv_monitor_message
 from . import serialize, wire
 from .connection import ConnectionInfo, secure
 from .errors import ProtocolError
-from .protocol import RateLimitedLog, Session, loads, split_idents
+from .protocol import RateLimitedLog, Session, check_content, check_header, loads, split_idents
 
 log = logging.getLogger("zexec.engine")
 
@@ -249,6 +249,22 @@ class Engine:
             wire.drain(s, lambda frames, s=s: self._on_message(s, frames), 10_000)
 
     def _watch_long_tasks(self, poller: zmq.Poller, wake: zmq.Socket) -> None:
+        """The watcher thread: ``_watch`` for the engine's life, restarted should it fail.
+
+        Without it, an engine whose heart still beats would read its sockets only
+        between tasks: it would look alive and hang its clients behind a long task.
+        """
+        while not self.stopping:
+            try:
+                self._watch(poller, wake)
+            except zmq.ContextTerminated:
+                return
+            except Exception:  # noqa: BLE001 - logged; the watcher goes on
+                log.exception("engine %s: the watcher thread failed; it goes on", self.id)
+                self.watching = False
+                time.sleep(WATCH_AFTER)  # never a busy loop, should it fail again at once
+
+    def _watch(self, poller: zmq.Poller, wake: zmq.Socket) -> None:
         """While a task runs longer than WATCH_AFTER, read the sockets on its behalf.
 
         The main thread is busy in the task, so without this an abort for a task queued
@@ -337,25 +353,35 @@ class Engine:
             lock.release()
 
     def _on_message(self, sock: zmq.Socket, frames: list) -> None:
+        """Handle one message read by the main loop or the watcher thread.
+
+        Whatever a message holds, nothing raises out of here: the watcher thread dies
+        on an exception, and then an engine whose heart still beats reads its sockets
+        only between tasks (a long task holds up aborts; queues fill up unseen).
+        """
+        try:
+            self._dispatch(sock, frames)
+        except Exception as e:  # noqa: BLE001 - a bug or a message we did not foresee
+            log.debug("engine %s: failed to handle a message", self.id, exc_info=True)
+            self.bad("unhandled message", repr(e))
+
+    def _dispatch(self, sock: zmq.Socket, frames: list) -> None:
         try:
             idents, rest = split_idents(frames)
             self.session.verify(rest)
-            header = loads(rest[1])
+            header = check_header(loads(rest[1]))  # types checked here, once (see protocol)
             kind = header["msg_type"]
+            content = (check_content(kind, loads(rest[3]))
+                       if kind in ("abort_request", "resend_request") else None)
         except (ProtocolError, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
             self.bad("engine socket", str(e))
             return
         if kind == "apply_request" and sock in (self.task_sock, self.mux):
             self.queue.append((sock, idents, rest, header))
         elif kind == "abort_request":
-            try:
-                ids = set(loads(rest[3]).get("msg_ids", ()))
-            except (ValueError, AttributeError, TypeError):
-                self.bad("malformed abort_request")
-                return
-            self._abort(sock, idents, rest[1], header, ids)
+            self._abort(sock, idents, rest[1], header, set(content["msg_ids"]))
         elif kind == "resend_request" and sock is self.mux:
-            self._resend(idents, rest[1], header, loads(rest[3]).get("msg_ids", ()))
+            self._resend(idents, rest[1], header, content["msg_ids"])
         elif kind == "shutdown_request" and sock is self.control:
             log.info("engine %d: shutdown requested", self.id)
             self.stopping = True

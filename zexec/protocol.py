@@ -91,9 +91,30 @@ def loads(data: Any) -> Any:
         obj, end = _scan(data, start)
     except StopIteration as e:
         raise ValueError(f"malformed JSON at character {e.value}") from None
+    except RecursionError:
+        # a RuntimeError, which no receiver expects from parsing: one message of
+        # "[[[[..." would otherwise take down whoever reads it
+        raise ValueError("JSON nested too deeply") from None
     if end != len(data) and data[end:].strip(_SPACE):
         raise ValueError(f"extra data after JSON value at character {end}")
+    if "\\u" in data and _lone_surrogate(obj):
+        raise ValueError("a lone surrogate in a JSON string (it cannot be encoded again)")
     return obj
+
+
+def _lone_surrogate(obj: Any) -> bool:
+    """True if ``obj`` holds a string with a lone surrogate.
+
+    JSON can escape half of a UTF-16 pair (``"\\ud800"``); Python keeps it as a lone
+    surrogate, which no UTF-8 encoder accepts, so a process that stored it would fail
+    later, where it publishes or answers.  Our encoder never escapes non-ASCII text,
+    so only the rare message with an escape at all is encoded again to find out.
+    """
+    try:
+        dumps(obj)
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 #: threads hashing one big frame's chunks, the calling thread included
@@ -212,6 +233,109 @@ class Message(NamedTuple):
     signature: bytes
 
 
+# -- what receivers read, and the types they accept -------------------------------------
+# A signed message may still come from a buggy or hostile key holder.  Every process
+# checks a message against these once, where it parses it, so no handler further in
+# meets a list where it reads a string (a dict key, an identity) or a string where it
+# counts.  Fields not listed are not read by anyone; absent ones are fine unless required.
+
+#: longest id accepted (zmq routing identities are at most 255 bytes)
+MAX_ID = 255
+
+
+def _id(v: Any) -> bool:
+    return type(v) is str and 0 < len(v) <= MAX_ID
+
+
+def _text(v: Any) -> bool:
+    return type(v) is str
+
+
+def _int(v: Any) -> bool:
+    return isinstance(v, int) and -(1 << 63) <= v < 1 << 63
+
+
+def _num(v: Any) -> bool:
+    return type(v) is float or _int(v)
+
+
+def _bool(v: Any) -> bool:
+    return type(v) is bool
+
+
+def _ids(v: Any) -> bool:
+    return type(v) is list and all(type(x) is str and len(x) <= MAX_ID for x in v)
+
+
+def _dict(v: Any) -> bool:
+    return type(v) is dict
+
+
+def _list(v: Any) -> bool:
+    return type(v) is list
+
+
+def _opt(pred):
+    return lambda v: v is None or pred(v)
+
+
+#: field -> (check, required)
+HEADER = {"msg_id": (_id, True), "msg_type": (_id, True), "session": (_text, False),
+          "date": (_num, False), "reply_to": (_id, False), "retries": (_opt(_int), False),
+          "parent_id": (_id, False), "status": (_id, False), "engine": (_opt(_int), False),
+          "started": (_num, False), "completed": (_num, False), "elapsed": (_num, False),
+          "shm": (_bool, False)}
+_ENGINE_REPORT = {"uuid": (_id, True)}
+CONTENT = {
+    "apply_request": {"fn": (_text, False), "nfn": (_int, False), "chunk": (_bool, False),
+                      "shm": (_list, False)},
+    "abort_request": {"msg_ids": (_ids, True)},
+    "resend_request": {"msg_ids": (_ids, True)},
+    "abort_reply": {"aborted": (_ids, False), "not_found": (_ids, False)},
+    "resend_reply": {"missing": (_ids, False)},
+    "apply_reply": {"status": (_id, False), "ename": (_opt(_text), False),
+                    "evalue": (_opt(_text), False), "engine": (_opt(_dict), False),
+                    "shm": (_list, False)},
+    "status": {"state": (_text, False), "msg_id": (_id, False)},
+    "stream": {"name": (_text, False), "text": (_text, False)},
+    "registration_request": {"uuid": (_id, True), "hostname": (_opt(_text), False),
+                             "pid": (_opt(_int), False), "log": (_opt(_text), False),
+                             "launcher": (_opt(_text), False), "max_tasks": (_opt(_int), False)},
+    "registration_complete": _ENGINE_REPORT,
+    "heart_beating": _ENGINE_REPORT,
+    "heart_failure": {"uuid": (_id, True), "reason": (_text, False)},
+    "unregistration_notification": {"uuid": (_id, True), "reason": (_text, False),
+                                    "exitcode": (_opt(_int), False), "fatal": (_opt(_bool), False)},
+    "engine_exit": {"launcher": (_text, True), "pid": (_int, True), "exitcode": (_opt(_int), False)},
+    "lost_message": {"msg_id": (_id, True), "device": (_id, True)},
+    "hub_beat": {"engines": (_dict, False), "pending": (_list, False), "next_id": (_opt(_int), False)},
+}
+
+
+def _check_fields(what: str, d: Any, spec: dict) -> None:
+    if type(d) is not dict:
+        raise ProtocolError(f"{what} is not an object")
+    for name, (ok, required) in spec.items():
+        if name in d:
+            if not ok(d[name]):
+                raise ProtocolError(f"{what} field {name!r} has a wrong type or size")
+        elif required:
+            raise ProtocolError(f"{what} lacks {name!r}")
+
+
+def check_header(header: Any) -> dict:
+    """``header`` if it is an object whose known fields have the accepted types; else
+    ProtocolError."""
+    _check_fields("header", header, HEADER)
+    return header
+
+
+def check_content(msg_type: str, content: Any) -> dict:
+    """``content`` if its known fields (for ``msg_type``) have the accepted types."""
+    _check_fields(f"{msg_type} content", content, CONTENT.get(msg_type, {}))
+    return content
+
+
 def split_idents(frames: Sequence[Any]) -> tuple[list, list]:
     """Split a frame list at DELIM into (identities, rest); ProtocolError if absent."""
     for i, f in enumerate(frames):
@@ -310,10 +434,11 @@ class Session:
             body = loads(rest[3]) if content else {}
         except (ValueError, UnicodeDecodeError) as e:
             raise ProtocolError(f"malformed JSON: {e}") from None
-        if not isinstance(header, dict) or "msg_type" not in header or "msg_id" not in header:
-            raise ProtocolError("header lacks msg_type or msg_id")
-        if content and (not isinstance(parent, dict) or not isinstance(body, dict)):
-            raise ProtocolError("parent or content is not an object")
+        check_header(header)
+        if content:
+            if not isinstance(parent, dict):
+                raise ProtocolError("parent is not an object")
+            check_content(header["msg_type"], body)
         return Message(idents, header, parent, body, list(rest[4:]), sig)
 
 

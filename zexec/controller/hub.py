@@ -27,7 +27,7 @@ import zmq
 from .. import wire
 from ..connection import ConnectionInfo, secure
 from ..errors import ProtocolError
-from ..protocol import DELIM, RateLimitedLog, Session, loads, split_idents
+from ..protocol import DELIM, MAX_ID, RateLimitedLog, Session, loads, split_idents
 
 log = logging.getLogger("zexec.hub")
 
@@ -50,6 +50,10 @@ MONITOR_GRACE = 2.0
 #: the lost messages whose owner can recover them (a lost status or abort reply cannot be)
 RECOVERABLE = ("apply_request", "apply_reply", "resend_request", "resend_reply")
 NUDGE = [b"zexec-nobody", DELIM, b"", b"{}", b"{}", b"{}"]
+#: the task outcomes status() counts by name.  The monitor's copies are unsigned (anyone
+#: who reaches the MUX can put a word there): any other word is counted as "other", so
+#: neither a flood of distinct words nor one that cannot be encoded lands in the table
+STATUSES = frozenset({"ok", "error", "aborted", "engine_died", "no_engines"})
 REGISTRATION_TIMEOUT = 30.0
 #: after a heart disconnects, how long to wait for its launcher's exit report
 EXIT_REPORT_GRACE = 0.3
@@ -435,18 +439,23 @@ class Hub:
             self._finish(header.get("parent_id"), header.get("status"), header.get("engine"))
 
     def _record(self, msg_id, engine_id, t) -> None:
-        if not isinstance(msg_id, str):
+        if not _id(msg_id):
             return
-        self.records[msg_id] = [t, engine_id, None, None, None]
+        if not isinstance(t, (int, float)):
+            t = None
+        self.records[msg_id] = [t, engine_id if isinstance(engine_id, int) else None, None, None, None]
         self.counts["submitted"] += 1
         while len(self.records) > self.max_records:
             self.records.popitem(last=False)  # oldest first: the table stays bounded
 
     def _finish(self, msg_id, status, engine_id, started=None, completed=None) -> None:
-        rec = self.records.get(msg_id) if isinstance(msg_id, str) else None
+        status = status if isinstance(status, str) and status in STATUSES else "other"
+        rec = self.records.get(msg_id) if _id(msg_id) else None
         if rec is not None:
-            rec[2], rec[3], rec[4] = started, completed, status
-        self.counts[str(status)] += 1
+            rec[2] = started if isinstance(started, (int, float)) else None
+            rec[3] = completed if isinstance(completed, (int, float)) else None
+            rec[4] = status
+        self.counts[status] += 1
         if isinstance(engine_id, int):
             self.done_by_engine[engine_id] += 1
 
@@ -461,10 +470,16 @@ class Hub:
             self._finish(msg_id, status, r[1] if r else None, started, completed)
             if i % (YIELD_EVERY * 8) == YIELD_EVERY * 8 - 1:
                 _yield()
-        self.task_queue = rec.get("queue", self.task_queue)
+        queue = rec.get("queue")
+        if isinstance(queue, int):
+            self.task_queue = queue
         flushed = rec.get("flushed")
         if isinstance(flushed, int):
             self.flushed = max(self.flushed, flushed)
+
+
+def _id(v) -> bool:
+    return isinstance(v, str) and len(v) <= MAX_ID
 
 
 def _public(eng: dict) -> dict:

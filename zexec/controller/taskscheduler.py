@@ -30,7 +30,7 @@ from ..connection import ConnectionInfo, secure
 from ..errors import ProtocolError
 from .. import wire
 from ..wire import send_frames
-from ..protocol import DELIM, RateLimitedLog, Session, dumps, loads, split_idents
+from ..protocol import DELIM, RateLimitedLog, Session, check_content, check_header, dumps, loads, split_idents
 from . import policy
 
 log = logging.getLogger("zexec.taskscheduler")
@@ -70,7 +70,8 @@ class _Engine:
         self.uuid = info["uuid"].encode()
         self.outstanding: dict[str, _Task] = {}
         self.sent = 0
-        self.max_tasks = info.get("max_tasks") or None
+        mt = info.get("max_tasks")
+        self.max_tasks = mt if type(mt) is int and mt > 0 else None
         self.info = info
 
 
@@ -156,7 +157,7 @@ class TaskScheduler:
         try:
             idents, rest = split_idents(frames)
             self.session.verify(rest, routing=True)
-            header = loads(rest[1])
+            header = check_header(loads(rest[1]))  # types checked here, once (see protocol)
             msg_type = header["msg_type"]
             msg_id = header["msg_id"]
         except (ProtocolError, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
@@ -167,15 +168,14 @@ class TaskScheduler:
                 self.bad("duplicate msg_id", msg_id)
                 return
             retries = header.get("retries") or 0
-            task = _Task(msg_id, idents, rest, retries if isinstance(retries, int) else 0,
-                         _reply_idents(header, idents))
+            task = _Task(msg_id, idents, rest, retries, _reply_idents(header, idents))
             self.tasks[msg_id] = task
             self.queue.append(task)
         elif msg_type == "abort_request":
             try:
-                ids = loads(rest[3]).get("msg_ids", [])
-            except (ValueError, AttributeError):
-                self.bad("malformed abort_request")
+                ids = check_content(msg_type, loads(rest[3]))["msg_ids"]
+            except (ProtocolError, ValueError) as e:
+                self.bad("malformed abort_request", str(e))
                 return
             self._abort(idents, rest[1], ids, _reply_idents(header, idents))
         else:
@@ -213,7 +213,7 @@ class TaskScheduler:
             euuid = frames[0].bytes
             idents, rest = split_idents(frames[1:])
             self.session.verify(rest, routing=True)
-            header = loads(rest[1])
+            header = check_header(loads(rest[1]))
         except (ProtocolError, ValueError, IndexError, UnicodeDecodeError) as e:
             self.bad("task engine socket", str(e))
             return
@@ -226,14 +226,15 @@ class TaskScheduler:
             return
         if kind == "abort_reply":
             try:
-                for msg_id in loads(rest[3]).get("aborted", ()):
-                    if eng.outstanding.pop(msg_id, None) is not None:
-                        eng.sent -= 1  # never ran: not one of its max_tasks
-                        self.tasks.pop(msg_id, None)
-                        self._done.append((msg_id, "aborted", None, None))
-            except (ValueError, AttributeError, TypeError):
-                self.bad("malformed abort_reply")
+                aborted = check_content(kind, loads(rest[3])).get("aborted", ())
+            except (ProtocolError, ValueError) as e:
+                self.bad("malformed abort_reply", str(e))
                 return
+            for msg_id in aborted:
+                if eng.outstanding.pop(msg_id, None) is not None:
+                    eng.sent -= 1  # never ran: not one of its max_tasks
+                    self.tasks.pop(msg_id, None)
+                    self._done.append((msg_id, "aborted", None, None))
             send_frames(self.client, [*idents, DELIM, *rest])
             return
         if kind != "apply_reply":
