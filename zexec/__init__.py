@@ -9,10 +9,12 @@ from __future__ import annotations
 import importlib
 
 __all__ = ["LocalCluster", "ZmqExecutor", "DirectView", "EngineDiedError", "RemoteError",
-           "ClusterLostError", "ClusterStartError", "NoEnginesError", "ProtocolError", "ZexecError"]
+           "ClusterLostError", "ClusterStartError", "NoEnginesError", "ProtocolError", "ZexecError",
+           "TaskInterrupted", "DependencyError", "progress"]
 __version__ = "0.1.0"
 
-_WHERE = {"LocalCluster": "cluster", "ZmqExecutor": "cluster", "DirectView": "cluster"}
+_WHERE = {"LocalCluster": "cluster", "ZmqExecutor": "cluster", "DirectView": "cluster",
+          "progress": "progressbar"}
 
 
 def __getattr__(name: str):

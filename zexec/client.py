@@ -9,11 +9,15 @@
     IO thread:
                <-DEALER task-------- task scheduler   replies, abort verdicts
                <-DEALER mux--------- MUX device       replies, abort verdicts; resends of lost ones
-               --DEALER control----> control device   shutdown requests to engines
+               --DEALER control----> control device   shutdown and interrupt requests to engines
                <-DEALER registrar--> hub              connection and status queries
                <--SUB iopub--------- IOPub device     task started (future -> RUNNING), output
                <--SUB notif--------- hub              engines joining/leaving, hub_beat, lost_message
     user threads hand the IO thread other work through an outbox and a wake-up pipe.
+
+The IO thread sends on the *_send sockets too, under the same lock (an expired time
+limit's abort, a task whose argument futures are done): nothing may hold that lock
+while it waits for the IO thread.
 
 A task is registered before it is sent, so its reply (which may come back at once)
 finds its future.  The registry maps each message id to its future until the reply
@@ -26,6 +30,8 @@ from __future__ import annotations
 import atexit
 import collections
 import functools
+import heapq
+import itertools
 import logging
 import os
 import sys
@@ -43,7 +49,7 @@ import zmq
 from . import serialize, wire
 from .connection import ConnectionInfo, secure
 from .errors import (ClusterLostError, EngineDiedError, InitializerError, NoEnginesError,
-                     ProtocolError, RemoteTraceback, ZexecError)
+                     ProtocolError, RemoteTraceback, TaskInterrupted, ZexecError)
 from .futures import Verdicts, ZFuture, cancel_dropped, resolve
 from .futures import fail as _fail
 from .protocol import RateLimitedLog, Session, check_content, check_header, loads, split_idents
@@ -55,6 +61,8 @@ HUB_TIMEOUT = 4.0
 #: then a direct query to the registrar must be answered within this long
 PROBE_TIMEOUT = 4.0
 FN_CACHE_SIZE = 128
+#: seconds an interrupted task has to stop before its engine gives up on it and exits
+INTERRUPT_GRACE = 5.0
 
 _clients: "weakref.WeakSet[Client]" = weakref.WeakSet()
 _CACHEABLE = (types.FunctionType, types.BuiltinFunctionType)
@@ -84,6 +92,13 @@ class Client:
         self._lost_tries: dict[str, int] = {}
         self._resend_for: dict[str, str] = {}
         self._draining: dict[int, tuple] = {}
+        # time limits: a heap of (deadline, seq, future, limit, grace), pushed by user
+        # threads under _timer_lock, expired by the IO thread; interrupts waiting for
+        # their task's engine to be known (it reports the start)
+        self._deadlines: list = []
+        self._timer_lock = threading.Lock()
+        self._timer_seq = itertools.count()
+        self._want_interrupt: dict[str, tuple] = {}
         self._engines: dict[int, dict] = {}
         self._dead: dict[int, dict] = {}
         self._cond = threading.Condition()
@@ -222,8 +237,13 @@ class Client:
         return key
 
     def submit(self, fn: Callable, args: Any, kwargs: dict | None = None, *,
-               target: int | None = None, retries: int = 0, chunk: bool = False) -> ZFuture:
-        """Send one task: load-balanced, or to engine ``target``; returns its future."""
+               target: int | None = None, retries: int = 0, chunk: bool = False,
+               timeout: float | None = None, grace: float = INTERRUPT_GRACE) -> ZFuture:
+        """Send one task: load-balanced, or to engine ``target``; returns its future.
+
+        With ``timeout``, the task fails with TimeoutError that many seconds after this
+        call, and is dropped where it waits or interrupted where it runs (``_expire``).
+        """
         self.check()
         if target is not None and target not in self._engines:
             self._no_engine(target)
@@ -285,7 +305,36 @@ class Client:
             if msg_id in self._shm_out:
                 self._shm_done(msg_id, list(self._shm_out[msg_id]))
             raise
+        if timeout is not None:
+            self._arm(fut, timeout, grace)
         return fut
+
+    def _arm(self, fut: ZFuture, limit: float, grace: float) -> None:
+        deadline = time.monotonic() + limit
+        with self._timer_lock:
+            heapq.heappush(self._deadlines, (deadline, next(self._timer_seq), fut, limit, grace))
+            first = self._deadlines[0][2] is fut
+        if first:
+            self._wake()  # the IO thread may sleep past this deadline otherwise
+
+    def interrupt(self, fut: ZFuture, grace: float = INTERRUPT_GRACE) -> bool:
+        """KeyboardInterrupt in ``fut``'s running task, or drop it where it waits.
+
+        Returns False if the future is already done.  A task that has not started is
+        cancelled (as ``cancel()``); a running one is interrupted through the control
+        channel, and its future fails with TaskInterrupted once it stops (or with
+        whatever it returns, if it catches the interrupt and returns).  If it has not
+        stopped ``grace`` seconds later, its engine fails it and exits.
+        """
+        if fut.done() or getattr(fut, "_zclient", None) is not self:
+            return False
+        if not fut.running() and fut.cancel():
+            return True
+        if fut.done():
+            return False
+        self._outbox.append(("interrupt", ("interrupt", grace), fut.msg_id, fut, None))
+        self._wake()
+        return True
 
     def _shm_done(self, msg_id: str, names: list) -> None:
         self._shm_out.pop(msg_id, None)
@@ -407,7 +456,7 @@ class Client:
         poller.register(self._wake_r, zmq.POLLIN)
         try:
             while not self._closing:
-                ready = poller.poll(0 if self._outbox else 500)
+                ready = poller.poll(0 if self._outbox else self._poll_ms())
                 self._wake_pending = False
                 try:
                     while os.read(self._wake_r, 4096):
@@ -421,6 +470,8 @@ class Client:
                     if h is None:
                         continue
                     wire.drain(s, h, 5000)
+                if self._deadlines:
+                    self._expire_due()
                 if self._broken is None and time.monotonic() - self._last_beat > HUB_TIMEOUT:
                     self._probe_hub()
                 if self._draining:
@@ -440,6 +491,81 @@ class Client:
                 self.ctx.destroy(linger=0)
             os.close(self._wake_r)
             os.close(self._wake_w)
+
+    def _poll_ms(self) -> int:
+        if not self._deadlines:
+            return 500
+        return max(0, min(500, int((self._deadlines[0][0] - time.monotonic()) * 1000) + 1))
+
+    # -- time limits and interrupts (IO thread) ------------------------------------------
+    def _expire_due(self) -> None:
+        now = time.monotonic()
+        due = []
+        with self._timer_lock:
+            heap = self._deadlines
+            while heap and heap[0][0] <= now:
+                due.append(heapq.heappop(heap))
+        for _, _, fut, limit, grace in due:
+            if not fut.done():
+                self._expire(fut, limit, grace)
+
+    def _expire(self, fut: ZFuture, limit: float, grace: float) -> None:
+        """A task's time limit passed: it fails with TimeoutError.
+
+        Running, it is interrupted.  Not known to have started, it is first dropped
+        where it waits (it never runs); if it started meanwhile (the abort finds it no
+        longer queued), it is interrupted then (``_Expiry``).
+        """
+        msg_id = fut.msg_id
+        entry = self._futures.get(msg_id)
+        if entry is None:
+            return
+        exc = TimeoutError(f"task {msg_id} ran past its time limit of {limit:g}s")
+        if fut._state == RUNNING:
+            _fail(fut, exc)  # its entry stays: the reply (after the interrupt) removes it
+            self._interrupt_io(msg_id, "timeout", grace)
+            return
+        self._abort_waits[msg_id] = _Expiry(self, fut, exc, grace)
+        target = entry[1]
+        msg = self.session.pack("abort_request", {"msg_ids": [msg_id]}, reply_to=self.reply_to)
+        with self._send_lock:  # behind its task, on the same socket (see _abort_sync)
+            if self._broken is not None or self._closing:
+                return
+            if target is None:
+                wire.send_frames(self.task_send, msg)
+            elif target in self._engines:
+                info = self._engines[target]
+                wire.send_frames(self.mux_send, self.session.pack(
+                    "abort_request", {"msg_ids": [msg_id]}, reply_to=self.reply_to,
+                    idents=[info["uuid"].encode()]))
+
+    def _interrupt_io(self, msg_id: str, reason: str, grace: float) -> None:
+        """Ask the engine running ``msg_id`` to interrupt it (control channel).
+
+        A load-balanced task's engine is known once it reports the start: until then
+        the interrupt waits here (``_started`` sends it).
+        """
+        entry = self._futures.get(msg_id)
+        if entry is None:
+            return  # its reply came: nothing runs any more
+        fut, target = entry
+        eid = target if target is not None else getattr(fut, "_zengine", None)
+        info = self._engines.get(eid) if eid is not None else None
+        if info is None:
+            self._want_interrupt[msg_id] = (reason, grace)
+            return
+        self.control.send_multipart(self.session.pack(
+            "interrupt_request", {"msg_id": msg_id, "reason": reason, "grace": grace},
+            idents=[info["uuid"].encode()]))
+
+    def _interrupted(self, reason: str, parent_id, cause: BaseException) -> BaseException:
+        """The error of a task its engine interrupted, chained from what the task raised."""
+        if reason == "timeout":
+            exc: BaseException = TimeoutError(f"task {parent_id} ran past its time limit")
+        else:
+            exc = TaskInterrupted(f"task {parent_id} was interrupted")
+        exc.__cause__ = cause
+        return exc
 
     def _probe_hub(self) -> None:
         """No hub_beat for HUB_TIMEOUT: ask the registrar directly before giving up.
@@ -472,6 +598,8 @@ class Client:
             kind, target, msg_id, fut, frames = outbox.popleft()
             if kind == "control":
                 self.control.send_multipart(frames)
+            elif kind == "interrupt":
+                self._interrupt_io(msg_id, *target)
             elif kind == "request":
                 hdr_id = loads(frames[2])["msg_id"]
                 self._requests[hdr_id] = fut
@@ -489,7 +617,7 @@ class Client:
             self._bad("reply", str(e))
             return
         if header.get("msg_type") == "status":
-            self._started(content.get("msg_id"))
+            self._started(content.get("msg_id"), content.get("engine"))
             return
         if header.get("msg_type") == "resend_reply":
             for msg_id in content.get("missing", ()):
@@ -500,11 +628,14 @@ class Client:
             for msg_id in content.get("aborted", ()):
                 entry = self._futures.pop(msg_id, None)
                 self._direct_frames.pop(msg_id, None)
-                if entry is not None:
-                    # cancel here, not only in the waiting thread: a verdict that comes
-                    # after its wait timed out must still settle the future
-                    cancel_dropped(entry[0])
                 w = self._abort_waits.pop(msg_id, None)
+                if entry is not None:
+                    if isinstance(w, _Expiry):
+                        _fail(entry[0], w.exc)  # its time limit passed before it started
+                    else:
+                        # cancel here, not only in the waiting thread: a verdict that
+                        # comes after its wait timed out must still settle the future
+                        cancel_dropped(entry[0])
                 if w is not None:
                     w.decide(msg_id, True)
             for msg_id in content.get("not_found", ()):
@@ -520,6 +651,8 @@ class Client:
             w = self._abort_waits.pop(header.get("parent_id"), None)
             if w is not None:
                 w.decide(header.get("parent_id"), False)  # it ran: too late to cancel
+        if self._want_interrupt:
+            self._want_interrupt.pop(header.get("parent_id"), None)
         if entry is None:
             return  # cancelled, or already failed with its engine
         fut = entry[0]
@@ -544,6 +677,8 @@ class Client:
                 exc = NoEnginesError(str(content.get("evalue", "")))
             else:
                 exc = serialize.rebuild_exception(content, rest[4:])
+            if content.get("interrupted"):
+                exc = self._interrupted(str(content["interrupted"]), header.get("parent_id"), exc)
             _fail(fut, exc)
 
     def _on_iopub(self, frames: list) -> None:
@@ -564,11 +699,15 @@ class Client:
             except Exception:  # noqa: BLE001 - a closed user stream must not kill the IO thread
                 pass
 
-    def _started(self, msg_id) -> None:
+    def _started(self, msg_id, engine=None) -> None:
         """An engine reports the task started: its future turns RUNNING."""
         entry = self._futures.get(msg_id)
         if entry is not None:
             fut = entry[0]
+            if engine is not None:
+                fut._zengine = engine  # where to send an interrupt
+                if self._want_interrupt and msg_id in self._want_interrupt:
+                    self._interrupt_io(msg_id, *self._want_interrupt.pop(msg_id))
             with fut._condition:
                 # what set_running_or_notify_cancel does, under the same lock, minus
                 # its CRITICAL log when the future was cancelled or resolved meanwhile
@@ -722,3 +861,23 @@ class Client:
         requests, self._requests = self._requests, {}
         for fut in requests.values():
             _fail(fut, exc)
+
+
+class _Expiry:
+    """An abort sent because a task's time limit passed (see Client._expire).
+
+    Dropped where it waited: the abort_reply handler fails it with ``exc``.  Not found
+    there: it started (or finished) meanwhile, so it fails now and is interrupted if it
+    still runs.  Shaped like Verdicts (``decide``), as it waits in the same table.
+    """
+
+    __slots__ = ("client", "fut", "exc", "grace")
+
+    def __init__(self, client: Client, fut: ZFuture, exc: BaseException, grace: float) -> None:
+        self.client, self.fut, self.exc, self.grace = client, fut, exc, grace
+
+    def decide(self, msg_id: str, dropped: bool) -> None:
+        if dropped:
+            return
+        _fail(self.fut, self.exc)
+        self.client._interrupt_io(msg_id, "timeout", self.grace)

@@ -26,6 +26,7 @@ import collections
 import io
 import logging
 import os
+import signal
 import socket
 import sys
 import threading
@@ -54,6 +55,10 @@ RECENT_MAX_BYTES = 1 << 20
 WATCH_AFTER = 0.01
 #: the watcher sleeps until the next task once no task has run for this long
 IDLE_AFTER = 0.1
+#: the exit code of an engine whose task did not stop within the grace after its interrupt
+STUCK_TASK = 7
+#: an interrupted task that has not stopped gets SIGINT again this often
+SIGINT_REPEAT = 0.2
 
 
 class _Capture(io.StringIO):
@@ -98,6 +103,14 @@ class Engine:
         self._captures = (_Capture("stdout", sys.stdout), _Capture("stderr", sys.stderr))
         self.sock_lock = threading.Lock()
         self._busy = threading.Event()
+        # interrupts (see _interrupt_request): the task being interrupted, its reason
+        # and when its engine gives up on it; the task now inside user code
+        self._interrupt: tuple | None = None
+        self._in_task: str | None = None
+        self._request: tuple | None = None
+        self._next_sigint = 0.0
+        self._last_sigint = 0.0
+        self._prev_sigint = None
         self.bad = RateLimitedLog(log)
 
     # -- start-up ------------------------------------------------------------------------
@@ -310,6 +323,8 @@ class Engine:
                             wake.recv()  # the task ended: hand the sockets back now
                         else:
                             wire.drain(s, lambda frames, s=s: self._on_message(s, frames), 10_000)
+                    if self._interrupt is not None:
+                        self._press_interrupt()
                 self.watching = False
 
     def _loop(self) -> int:
@@ -329,6 +344,8 @@ class Engine:
             watch_poller.register(s, zmq.POLLIN)
         threading.Thread(target=self._watch_long_tasks, args=(watch_poller, wake_rx),
                          name="zexec-engine-watch", daemon=True).start()
+        if threading.current_thread() is threading.main_thread():
+            self._prev_sigint = signal.signal(signal.SIGINT, self._on_sigint)
         lock = self.sock_lock
         lock.acquire()
         try:
@@ -382,6 +399,8 @@ class Engine:
             self._abort(sock, idents, rest[1], header, set(content["msg_ids"]))
         elif kind == "resend_request" and sock is self.mux:
             self._resend(idents, rest[1], header, content["msg_ids"])
+        elif kind == "interrupt_request" and sock is self.control:
+            self._interrupt_request(rest)
         elif kind == "shutdown_request" and sock is self.control:
             log.info("engine %d: shutdown requested", self.id)
             self.stopping = True
@@ -430,6 +449,7 @@ class Engine:
         msg_id = header["msg_id"]
         reply_to = header.get("reply_to")
         self.current = (sock, [reply_to.encode()] if isinstance(reply_to, str) else idents, msg_id)
+        self._request = (sock, idents, rest[1], header)
         out, err = sys.stdout, sys.stderr
         cap_out, cap_err = self._captures
         if cap_out.original is not out or cap_err.original is not err:
@@ -442,6 +462,9 @@ class Engine:
             self._busy.set()  # wake the watcher (see _watch_long_tasks)
         self.sock_lock.release()
         try:
+            # from here to the handlers below, an interrupt for this task may raise
+            # KeyboardInterrupt (see _on_sigint): never in the engine's own code around
+            self._in_task = msg_id
             content = loads(rest[3])
             buffers = rest[4:]
             inputs = None
@@ -479,15 +502,22 @@ class Engine:
                 reply, frames = serialize.exception_frames(e)
             del result
         except BaseException as e:  # noqa: BLE001 - the task's own exception goes back to its caller
+            self._in_task = None
             reply, frames = serialize.exception_frames(serialize.drop_internal_frames(e))
             del e
         finally:
+            self._in_task = None
             sys.stdout, sys.stderr = out, err
             self.running_since = None
             if self.watching:
                 self._wake_tx.send(b"")
             self.sock_lock.acquire()
         completed = time.time()
+        intr = self._interrupt
+        if intr is not None and intr[0] == msg_id:
+            self._interrupt = None
+            if reply.get("status") == "error":
+                reply["interrupted"] = intr[1]  # the client says why (TimeoutError, ...)
         for cap in (cap_out, cap_err):
             if not cap.tell():
                 continue
@@ -499,6 +529,133 @@ class Engine:
                     "stream", {"name": cap.name, "text": text, "msg_id": msg_id, "engine": self.id},
                     idents=[topic]))
         self._reply(sock, idents, rest[1], header, reply, frames, started, completed)
+
+    # -- interrupts (time limits, Client.interrupt) ---------------------------------------
+    def _interrupt_request(self, rest) -> None:
+        """Interrupt a task: KeyboardInterrupt in it if it runs, dropped if it waits here.
+
+        Read by the watcher while a task runs (the main thread is in the task), so the
+        running task is interrupted from this thread: SIGINT to the main thread, where
+        ``_on_sigint`` raises only inside that task.  It is sent again every
+        SIGINT_REPEAT until the task ends; if it has not ended after ``grace`` seconds,
+        the engine gives up on it (``_abandon_stuck_task``).
+        """
+        try:
+            c = loads(rest[3])
+            msg_id, reason = str(c["msg_id"]), str(c.get("reason", "interrupt"))
+            grace = float(c.get("grace", 5.0))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            self.bad("malformed interrupt_request")
+            return
+        if self.current is not None and self.running_since is not None and self.current[2] == msg_id:
+            self._interrupt = (msg_id, reason, time.monotonic() + grace)
+            self._next_sigint = 0.0  # at the watcher's next look
+            return
+        queue = self.queue
+        for _ in range(len(queue)):  # in place: the main loop holds this deque
+            item = queue.popleft()
+            if item[3].get("msg_id") != msg_id:
+                queue.append(item)
+                continue
+            sock, idents, req, header = item
+            reply, frames = serialize.exception_frames(KeyboardInterrupt("interrupted before it started"))
+            reply["interrupted"] = reason
+            self._reply(sock, idents, req[1], header, reply, frames, None, None)
+        # not here (finished, or never came): nothing to do, its reply went or will go
+
+    def _on_sigint(self, signum, frame) -> None:
+        """SIGINT in the main thread: KeyboardInterrupt for the task being interrupted.
+
+        Raised only while that task is inside its own code (``_in_task``) and not in
+        ``_run_task`` itself, whose handlers must run: a late signal (the task just
+        ended) is ignored.  A SIGINT from elsewhere goes to the handler there was before.
+        """
+        intr = self._interrupt
+        if intr is not None and self._in_task == intr[0] and frame is not None \
+                and frame.f_code is not _RUN_TASK_CODE:
+            raise KeyboardInterrupt
+        if intr is not None or time.monotonic() - self._last_sigint < 2.0:
+            return  # ours, too late or too early: never in the engine's own code
+        prev = self._prev_sigint
+        if callable(prev):
+            prev(signum, frame)
+
+    def _press_interrupt(self) -> None:
+        """The watcher, while the interrupted task runs: signal it again, or give up."""
+        intr = self._interrupt
+        if intr is None or self.current is None or intr[0] != self.current[2]:
+            return
+        now = time.monotonic()
+        if now >= intr[2]:
+            self._abandon_stuck_task(intr)
+        elif now >= self._next_sigint:
+            self._next_sigint = now + SIGINT_REPEAT
+            self._last_sigint = now
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+    def _abandon_stuck_task(self, intr: tuple) -> None:
+        """The interrupted task did not stop within its grace: fail it and exit.
+
+        Only that task fails: its reply says so, the load-balanced tasks queued here go
+        back to the task scheduler (``_give_back``), and the engine exits (a
+        LocalCluster or ``zexec engine --replace`` starts a replacement).  Direct tasks
+        queued here cannot move: they fail with EngineDiedError, as on any engine death.
+        """
+        msg_id, reason, _ = intr
+        log.error("engine %d: task %s did not stop after its interrupt: exiting", self.id, msg_id)
+        sock, idents, parent, header = self._request
+        exc = RuntimeError(f"the task did not stop after its interrupt ({reason}): "
+                           f"engine {self.id} gave up on it and exited")
+        reply, frames = serialize.exception_frames(exc)
+        reply["interrupted"] = reason
+        self._reply(sock, idents, parent, header, reply, frames, None, None)
+        self._give_back()
+        self._goodbye(f"task {msg_id} did not stop after its interrupt ({reason})", STUCK_TASK)
+        # os._exit drops what zmq has not sent yet: close with linger first, bounded
+        # (the main thread is still in the task and will never touch a socket again)
+        threading.Timer(3.0, os._exit, (STUCK_TASK,)).start()
+        for name in ("task_sock", "mux", "control", "iopub", "registrar", "_wake_tx", "_wake_rx"):
+            s = getattr(self, name, None)
+            if s is not None:
+                s.close(linger=2000)
+        self.ctx.term()
+        os._exit(STUCK_TASK)
+
+    def _give_back(self) -> None:
+        """Hand the load-balanced tasks queued here (not started) back to the task scheduler.
+
+        Each goes back whole (the request as it came, inside a signed ``give_back``), for
+        the scheduler to queue first again: sent last to first, as it puts each back at
+        the head of its queue, so their order is kept.  The scheduler then sends this
+        engine nothing more, and acknowledges each: we wait for that (bounded), so the
+        news of our exit cannot reach it before the tasks do.
+        """
+        waiting = set()
+        for sock, idents, rest, header in reversed(self.queue):
+            if sock is self.task_sock:
+                self._send_back(idents, rest, header)
+                waiting.add(header.get("msg_id"))
+        self.queue.clear()
+        deadline = time.monotonic() + 2.0
+        while waiting and time.monotonic() < deadline:
+            if not self.task_sock.poll(50):
+                continue
+            try:
+                idents, rest = split_idents(self.task_sock.recv_multipart())
+                self.session.verify(rest)
+                header = loads(rest[1])
+                if header.get("msg_type") == "give_back_reply":
+                    waiting.discard(loads(rest[3]).get("msg_id"))
+                elif header.get("msg_type") == "apply_request":
+                    self._send_back(idents, rest, header)  # sent before it heard from us
+                    waiting.add(header.get("msg_id"))
+            except (ProtocolError, ValueError, KeyError, TypeError, AttributeError) as e:
+                self.bad("engine socket", str(e))
+
+    def _send_back(self, idents, rest, header) -> None:
+        wire.send_frames(self.task_sock, self.session.pack(
+            "give_back", {"msg_id": header.get("msg_id"), "nidents": len(idents)},
+            buffers=[*idents, *rest]))
 
     def _resend(self, idents, parent, header, ids) -> None:
         """Send again replies the MUX device lost (see Client._recover_lost)."""
@@ -538,6 +695,9 @@ class Engine:
             self.recent[header.get("msg_id")] = msg
             if len(self.recent) > RECENT_REPLIES:
                 self.recent.popitem(last=False)
+
+
+_RUN_TASK_CODE = Engine._run_task.__code__
 
 
 def main(info: ConnectionInfo, **kwargs) -> int:

@@ -7,7 +7,7 @@ that catches worker deaths keeps catching them.
 
 from __future__ import annotations
 
-from concurrent.futures import BrokenExecutor
+from concurrent.futures import BrokenExecutor, CancelledError
 from concurrent.futures.process import BrokenProcessPool
 
 
@@ -104,3 +104,29 @@ class ClusterStartError(ZexecError):
 
 class InitializerError(ClusterStartError, BrokenProcessPool):
     """The engines' initializer failed: like ProcessPoolExecutor, the pool is broken."""
+
+
+class TaskInterrupted(ZexecError, CancelledError):
+    """The task was interrupted (``ZmqExecutor.interrupt``) while it ran.
+
+    A ``concurrent.futures.CancelledError`` too, so code that treats cancelled work
+    alike catches both; the future itself is failed, not cancelled (``cancelled()`` is
+    False: the task did start).  ``__cause__`` is what the task raised (usually its
+    KeyboardInterrupt, with the remote traceback).
+    """
+
+
+class DependencyError(ZexecError):
+    """A future passed as an argument failed or was cancelled, so the task never ran.
+
+    ``msg_id`` names that future's task; ``__cause__`` is its exception (or its
+    CancelledError).
+    """
+
+    def __init__(self, msg_id: str | None, reason: str = "") -> None:
+        self.msg_id = msg_id
+        self.reason = reason
+        super().__init__(f"a future this task depends on ({msg_id}) {reason}".rstrip())
+
+    def __reduce__(self):
+        return (type(self), (self.msg_id, self.reason))

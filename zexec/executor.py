@@ -13,12 +13,12 @@ import os
 import threading
 import time
 import weakref
-from concurrent.futures import BrokenExecutor, Executor, Future
+from concurrent.futures import BrokenExecutor, CancelledError, Executor, Future
 from typing import Any, Callable, Iterable, Iterator
 
-from .client import Client
-from .errors import ClusterStartError
-from .futures import cancel_all
+from .client import INTERRUPT_GRACE, Client
+from .errors import ClusterStartError, DependencyError
+from .futures import DeferredFuture, cancel_all, fail
 
 #: set by zexec.cluster at import: builds the LocalCluster a ZmqExecutor owns
 _cluster_factory: Callable[..., Any] | None = None
@@ -44,8 +44,37 @@ def _next_result(fs: list, end_time: float | None) -> Any:
     return result
 
 
+def _has_future(args: tuple, kwargs: dict) -> bool:
+    """Any Future among the arguments (top level only: a cheap check per submit)."""
+    for a in args:
+        if isinstance(a, Future):
+            return True
+    if kwargs:
+        for a in kwargs.values():
+            if isinstance(a, Future):
+                return True
+    return False
+
+
+def _dependency_failed(dep: Future) -> BaseException | None:
+    """The DependencyError of a task whose argument ``dep`` failed or was cancelled."""
+    if dep.cancelled():
+        err = DependencyError(getattr(dep, "msg_id", None), "was cancelled")
+        err.__cause__ = CancelledError()
+        return err
+    exc = dep.exception()
+    if exc is None:
+        return None
+    err = DependencyError(getattr(dep, "msg_id", None), f"failed: {type(exc).__name__}: {exc}")
+    err.__cause__ = exc
+    return err
+
+
 class _ExecutorBase(Executor):
     _target: int | None = None
+    #: the time limit and interrupt grace of this executor's tasks (see ``options``)
+    _timeout: float | None = None
+    _grace: float = INTERRUPT_GRACE
 
     def _init_base(self, client: Client, retries: int = 0) -> None:
         self._client = client
@@ -65,17 +94,109 @@ class _ExecutorBase(Executor):
             fut.add_done_callback(self._pending.discard)
         return fut
 
-    def _send(self, fn: Callable, args: Any, kwargs: dict | None = None, chunk: bool = False) -> Future:
+    def _send(self, fn: Callable, args: Any, kwargs: dict | None = None, chunk: bool = False,
+              timeout: float | None = None, retries: int | None = None,
+              grace: float | None = None) -> Future:
         return self._client.submit(fn, args, kwargs, target=self._target,
-                                   retries=self._retries, chunk=chunk)
+                                   retries=self._retries if retries is None else retries, chunk=chunk,
+                                   timeout=self._timeout if timeout is None else timeout,
+                                   grace=self._grace if grace is None else grace)
 
     def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> Future:
         with self._shutdown_lock:
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
+            if _has_future(args, kwargs):
+                return self._track(self._submit_after(fn, args, kwargs))
             return self._track(self._send(fn, args, kwargs))
 
-    submit.__doc__ = Executor.submit.__doc__
+    submit.__doc__ = (Executor.submit.__doc__ or "") + """
+        A Future among args or kwargs (top level) stands for its result: the task is
+        sent once every such future is done, with their results in their places.  If
+        one fails or is cancelled, the task is not sent and its future fails with
+        zexec.DependencyError (naming that future's msg_id, chained from its error).
+        """
+
+    def _submit_after(self, fn: Callable, args: tuple, kwargs: dict) -> Future:
+        """A task that waits for the futures among its arguments, without a thread.
+
+        Each dependency's done-callback counts down; the last one sends the task (from
+        the client's IO thread, which resolves zexec futures, or from the thread that
+        resolved a foreign future, or from this one if all are done already).  The
+        first failed dependency fails it at once.
+        """
+        outer = DeferredFuture()
+        deps = {id(a): a for a in (*args, *kwargs.values()) if isinstance(a, Future)}
+        left = [len(deps)]
+        lock = threading.Lock()
+
+        def on_done(dep: Future) -> None:
+            err = _dependency_failed(dep)
+            if err is not None:
+                fail(outer, err)
+            with lock:
+                left[0] -= 1
+                last = left[0] == 0
+            if last and not outer.done():
+                self._send_deferred(outer, fn, args, kwargs)
+
+        for dep in deps.values():
+            dep.add_done_callback(on_done)
+        return outer
+
+    def _send_deferred(self, outer: DeferredFuture, fn: Callable, args: tuple, kwargs: dict) -> None:
+        args = tuple(a.result() if isinstance(a, Future) else a for a in args)
+        kwargs = {k: (v.result() if isinstance(v, Future) else v) for k, v in kwargs.items()}
+        with outer._send_lock:  # a cancel() before the send wins; after it, it asks the task
+            if outer.done():
+                return
+            try:
+                inner = self._send(fn, args, kwargs)
+            except BaseException as e:  # noqa: BLE001 - a dead engine, a closed client: this future
+                fail(outer, e)
+                return
+            outer.msg_id = inner.msg_id
+            outer._inner = inner
+        outer.follow(inner)
+
+    def options(self, *, timeout: float | None = None, retries: int | None = None,
+                grace: float | None = None) -> "Executor":
+        """An executor on the same connection whose tasks get these defaults.
+
+        ``timeout``: seconds from submit (or, for a task with future arguments, from
+        when it is sent) after which the task's future fails with TimeoutError: a task
+        still waiting is dropped and never runs; a running one gets KeyboardInterrupt.
+        ``grace``: seconds the interrupted task then has to stop before its engine gives
+        up on it and exits (default 5).  ``retries``: as the executor's own.  Its
+        ``shutdown()`` waits for its own futures and leaves the connection open.
+        """
+        if timeout is not None and not timeout > 0:
+            raise ValueError("timeout must be > 0 seconds")
+        if grace is not None and not grace >= 0:
+            raise ValueError("grace must be >= 0 seconds")
+        if retries and (self._target is not None or getattr(self, "_scheme", None) == "pure"):
+            raise ValueError("retries need the task scheduler: a load-balanced executor with "
+                             "scheme='leastload'")
+        return _Options(self, timeout, retries, grace)
+
+    def interrupt(self, fut: Future, grace: float | None = None) -> bool:
+        """Interrupt the task of ``fut`` (a future of this connection).
+
+        Running: KeyboardInterrupt is raised in the task, and its future fails with
+        zexec.TaskInterrupted (a concurrent.futures.CancelledError) once it stops; the
+        other tasks of its engine are untouched.  Not started: it is cancelled, as by
+        ``fut.cancel()``.  Returns False if the future is already done.  A task that
+        does not stop within ``grace`` seconds (default 5) fails anyway and its engine
+        exits (a LocalCluster replaces it).
+        """
+        grace = self._grace if grace is None else grace
+        if isinstance(fut, DeferredFuture):
+            with fut._send_lock:
+                inner = fut._inner
+                if inner is None:
+                    return fut.cancel()
+            fut = inner
+        return self._client.interrupt(fut, grace)
 
     def map(self, fn: Callable, *iterables: Iterable, timeout: float | None = None,
             chunksize: int = 1) -> Iterator:
@@ -130,7 +251,8 @@ class _ExecutorBase(Executor):
             futures = []
             for eid in client.engines:
                 try:
-                    fut = client.submit(fn, args, kwargs, target=eid)
+                    fut = client.submit(fn, args, kwargs, target=eid,
+                                        timeout=self._timeout, grace=self._grace)
                 except (ValueError, BrokenExecutor) as e:
                     # the engine left between the listing and the send
                     client.check()
@@ -237,9 +359,11 @@ class ZmqExecutor(_ExecutorBase):
         self._init_base(client, retries)
         self._views: dict[int, DirectView] = {}
 
-    def _send(self, fn: Callable, args: Any, kwargs: dict | None = None, chunk: bool = False) -> Future:
+    def _send(self, fn: Callable, args: Any, kwargs: dict | None = None, chunk: bool = False,
+              timeout: float | None = None, retries: int | None = None,
+              grace: float | None = None) -> Future:
         if self._scheme != "pure":
-            return super()._send(fn, args, kwargs, chunk)
+            return super()._send(fn, args, kwargs, chunk, timeout, retries, grace)
         client, load = self._client, self._load
         while True:
             with self._load_lock:
@@ -247,11 +371,13 @@ class ZmqExecutor(_ExecutorBase):
                 if not live:
                     client.check()
                     # no engine yet (or all dead): the scheduler's queue waits for one
-                    return super()._send(fn, args, kwargs, chunk)
+                    return super()._send(fn, args, kwargs, chunk, timeout, retries, grace)
                 target = min(live, key=lambda e: load.get(e, 0))
                 load[target] = load.get(target, 0) + 1
             try:
-                fut = client.submit(fn, args, kwargs, target=target, chunk=chunk)
+                fut = client.submit(fn, args, kwargs, target=target, chunk=chunk,
+                                    timeout=self._timeout if timeout is None else timeout,
+                                    grace=self._grace if grace is None else grace)
             except (ValueError, BrokenExecutor):
                 self._unload(target)
                 client.check()
@@ -380,3 +506,60 @@ class DirectView(_ExecutorBase):
 
     def __repr__(self) -> str:
         return f"<DirectView engine={self._target}>"
+
+
+class _Options(_ExecutorBase):
+    """``ex.options(...)``: ``ex``'s tasks with other defaults (time limit, retries).
+
+    It shares ``ex``'s connection (and its engine, for a DirectView); ``ex.shutdown()``
+    waits for its futures too and stops it.
+    """
+
+    def __init__(self, base: _ExecutorBase, timeout: float | None, retries: int | None,
+                 grace: float | None) -> None:
+        self._base = base
+        self._target = base._target
+        self._init_base(base._client, base._retries if retries is None else retries)
+        self._timeout = base._timeout if timeout is None else timeout
+        self._grace = base._grace if grace is None else grace
+        self._scheme = getattr(base, "_scheme", None)
+
+    def _send(self, fn: Callable, args: Any, kwargs: dict | None = None, chunk: bool = False,
+              timeout: float | None = None, retries: int | None = None,
+              grace: float | None = None) -> Future:
+        return self._base._send(fn, args, kwargs, chunk,
+                                self._timeout if timeout is None else timeout,
+                                self._retries if retries is None else retries,
+                                self._grace if grace is None else grace)
+
+    @property
+    def client(self) -> Client:
+        return self._client
+
+    def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> Future:
+        if self._base._shutdown:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        return super().submit(fn, *args, **kwargs)
+
+    submit.__doc__ = _ExecutorBase.submit.__doc__
+
+    def _track(self, fut: Future) -> Future:
+        self._base._track(fut)  # the executor it came from waits for it on shutdown
+        return super()._track(fut)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        with self._shutdown_lock:
+            self._shutdown = True
+        pending = self._wait_pending(cancel_futures)
+        if wait:
+            self._refuse_wait_in_callback()
+            for fut in pending:
+                try:
+                    fut.exception()
+                except BaseException:  # noqa: BLE001
+                    pass
+
+    shutdown.__doc__ = Executor.shutdown.__doc__
+
+    def __repr__(self) -> str:
+        return f"<options of {self._base!r}: timeout={self._timeout} retries={self._retries}>"

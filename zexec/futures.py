@@ -30,6 +30,10 @@ def cancel_all(futures: list) -> list:
     by_client: dict = {}
     done = []
     for f in futures:
+        if isinstance(f, DeferredFuture):
+            if f.cancel():  # not sent yet: here; sent: its task's own cancel
+                done.append(f)
+            continue
         with f._condition:
             pending = f._state == PENDING
         client = getattr(f, "_zclient", None)
@@ -43,6 +47,44 @@ def cancel_all(futures: list) -> list:
             if verdict.get(f.msg_id) and cancel_dropped(f):
                 done.append(f)
     return done
+
+
+class DeferredFuture(ZFuture):
+    """The future of a task sent only once the futures among its arguments are done.
+
+    A real Future from the start.  Until its task is sent, ``cancel()`` is local (there
+    is nothing anywhere to drop); once sent, it is the task's own future's ``cancel()``,
+    and this one follows that future's outcome.  ``msg_id`` is its task's, once sent.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.msg_id = None
+        self._inner: ZFuture | None = None
+        self._send_lock = threading.Lock()
+
+    def cancel(self) -> bool:
+        with self._send_lock:
+            inner = self._inner
+            if inner is None:
+                return cancel_dropped(self)
+        return inner.cancel()
+
+    def running(self) -> bool:
+        inner = self._inner
+        return inner is not None and inner.running() and not self.done()
+
+    def follow(self, inner: Future) -> None:
+        """Take ``inner``'s outcome when it has one (``inner`` is this task's future)."""
+        def copy(f: Future) -> None:
+            if f.cancelled():
+                cancel_dropped(self)
+            elif f.exception() is not None:
+                fail(self, f.exception())
+            else:
+                resolve(self, f.result())
+
+        inner.add_done_callback(copy)
 
 
 def cancel_dropped(fut: Future) -> bool:

@@ -224,6 +224,9 @@ class TaskScheduler:
         if kind == "status":
             send_frames(self.client, [*idents, DELIM, *rest])  # a task started: to its client
             return
+        if kind == "give_back":
+            self._take_back(eng, euuid, rest)
+            return
         if kind == "abort_reply":
             try:
                 aborted = check_content(kind, loads(rest[3])).get("aborted", ())
@@ -252,6 +255,29 @@ class TaskScheduler:
         send_frames(self.client, [*idents, DELIM, *rest])
         self._done.append((task.msg_id, header.get("status"), header.get("started"), header.get("completed")))
 
+    def _take_back(self, eng: _Engine, euuid: bytes, rest: list) -> None:
+        """An engine hands back a task it has not started (it is about to exit, see
+        Engine._give_back): the request it carries goes first in the queue again, the
+        engine gets no more tasks, and it hears that the task is back (only then does
+        it exit, so its death cannot overtake the task)."""
+        try:
+            c = loads(rest[3])
+            n = c["nidents"]
+            frames = rest[4:]
+            if not isinstance(n, int) or not 0 <= n <= len(frames) - 4:
+                raise ValueError("bad nidents")
+            msg_id = loads(frames[n + 1])["msg_id"]
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+            self.bad("malformed give_back", str(e))
+            return
+        self._remove_from_routing(euuid)
+        task = eng.outstanding.pop(msg_id, None)
+        if task is not None:  # else not one this engine holds (aborted, or already failed)
+            eng.sent -= 1  # never ran: not one of its max_tasks
+            task.engine = None
+            task.rest = frames[n:]  # the original request, signed by its client
+            self.queue.appendleft(task)
+        self._send_engine(self.session.pack("give_back_reply", {"msg_id": msg_id}, idents=[euuid]))
     def _bound(self) -> int:
         if self.fixed_hwm:
             return self.fixed_hwm
