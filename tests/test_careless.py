@@ -7,9 +7,12 @@ import gc
 import os
 import weakref
 
+import numpy as np
 import pytest
 
-from zexec import LocalCluster
+from zexec import LocalCluster, serialize, wire
+from zexec.errors import ProtocolError
+from zexec.futures import ZFuture
 
 
 @pytest.mark.parametrize("n", [0, -1])
@@ -45,3 +48,47 @@ def test_executor_of_a_with_block_names_its_cluster(no_leaks):
     c = LocalCluster(1)
     with c as ex:
         assert ex.cluster is c
+
+
+def test_array_changed_after_submit_runs_with_its_value_at_submit(cluster):
+    """Finding 1: its out-of-band frame was signed at submit and sent later, changed:
+    dropped as forged, the future hung (50 of 50)."""
+    ex = cluster.ex
+    for target in (ex, ex.engine(ex.engines[0])):
+        fs = []
+        for _ in range(20):
+            a = np.zeros(25_000)  # 200 kB: an out-of-band frame, not shared memory
+            fs.append(target.submit(np.sum, a))
+            a[:] = 1
+        assert [f.result(30) for f in fs] == [0.0] * 20
+
+
+@pytest.mark.timeout(120)
+def test_big_array_changed_after_submit_on_tcp(no_leaks):
+    """On tcp a big frame goes through the scheduler on its header's signature: an
+    engine that then dropped it held its place forever, and every later task hung."""
+    with LocalCluster(1, transport="tcp") as ex:
+        fs = []
+        for _ in range(3):
+            a = np.zeros(1 << 18)  # 2 MiB: past BIG_FRAME, routed on its header alone
+            fs.append(ex.submit(np.sum, a))
+            a[:] = 1
+        assert [f.result(60) for f in fs] == [0.0] * 3
+
+        # a payload that changes after signing all the same (as a zero-copy frame
+        # would): the engine fails that task, and goes on serving
+        client = ex.client
+        a = np.zeros(1 << 18)
+        header = client.session.header("apply_request", reply_to=client.reply_to)
+        fut = ZFuture()
+        fut.msg_id = header["msg_id"]
+        frames = client.session.pack(
+            "apply_request", {"fn": "", "nfn": 1}, header=header,
+            buffers=[*serialize.dumps(np.sum), *serialize.dumps(((a,), {}))])
+        a[:] = 1
+        client._futures[fut.msg_id] = (fut, None)
+        with client._send_lock:
+            wire.send_frames(client.task_send, frames)
+        with pytest.raises(ProtocolError, match="does not match its signature"):
+            fut.result(60)
+        assert ex.submit(pow, 2, 5).result(60) == 32

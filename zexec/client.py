@@ -276,6 +276,7 @@ class Client:
                 names = [r[1] for r in refs]
                 self._shm_out[msg_id] = {r[1]: r[3] for r in refs}
                 fut.add_done_callback(lambda _f, names=names, m=msg_id: self._shm_done(m, names))
+        serialize.snapshot(buffers)  # what a shared-memory file does not hold yet
         futures = self._futures
         try:
             # registered before it is sent (the reply may beat us back), and only then is

@@ -383,15 +383,19 @@ class Engine:
             self.bad("unhandled message", repr(e))
 
     def _dispatch(self, sock: zmq.Socket, frames: list) -> None:
+        rest, verified = None, False
         try:
             idents, rest = split_idents(frames)
             self.session.verify(rest)
+            verified = True
             header = check_header(loads(rest[1]))  # types checked here, once (see protocol)
             kind = header["msg_type"]
             content = (check_content(kind, loads(rest[3]))
                        if kind in ("abort_request", "resend_request") else None)
         except (ProtocolError, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
             self.bad("engine socket", str(e))
+            if rest is not None and not verified and sock in (self.task_sock, self.mux):
+                self._refuse_corrupt(sock, idents, rest)
             return
         if kind == "apply_request" and sock in (self.task_sock, self.mux):
             self.queue.append((sock, idents, rest, header))
@@ -409,6 +413,20 @@ class Engine:
             os._exit(6)
         else:
             self.bad("unexpected message", str(kind))
+
+    def _refuse_corrupt(self, sock, idents, rest) -> None:
+        """Fail a task whose header is authentic but whose payload is not: its sender and
+        the task scheduler (which counts it as ours until a reply) must not wait forever."""
+        header = self.session.header_only(rest)
+        try:
+            if header is None or check_header(header).get("msg_type") != "apply_request":
+                return  # nothing authentic to answer to
+        except ProtocolError:
+            return
+        err = ProtocolError("the task's payload does not match its signature: it changed on "
+                            "the way (or was tampered with); the task did not run")
+        content, frames = serialize.exception_frames(err)
+        self._reply(sock, idents, rest[1], header, content, frames, None, None)
 
     def _abort(self, sock, idents, parent, header, ids: set) -> None:
         """Drop queued tasks named in ``ids``; answer which were dropped and which not.

@@ -421,6 +421,26 @@ class Session:
                 raise ProtocolError("replayed message (signature seen before)")
         return sig
 
+    def header_only(self, rest: Sequence[Any]) -> dict | None:
+        """The header of a message whose full signature failed, if its routing signature
+        (over the header alone) holds and was not seen before; else None.
+
+        Such a message was sent by a key holder but its payload changed on the way:
+        its sender can be told (by msg_id) without a byte of the payload being trusted.
+        """
+        if self.signer._template is None or len(rest) < 4:
+            return None
+        _, _, head = _bytes(rest[0]).partition(b":")
+        if not head or not hmac.compare_digest(head, self.signer.sign_head(_bytes(rest[1]))):
+            return None
+        if self.guard is not None and not self.guard.check(b"head:" + head):
+            return None
+        try:
+            header = loads(rest[1])
+        except ValueError:
+            return None
+        return header if isinstance(header, dict) else None
+
     def unpack(self, frames: Sequence[Any], *, content: bool = True) -> Message:
         """Verify and parse a whole frame list (identities included)."""
         idents, rest = split_idents(frames)

@@ -139,6 +139,23 @@ def dumps(obj: Any, by_ref: Callable | None = None) -> list:
     return [stream, *bufs]
 
 
+def snapshot(frames: list, start: int = 0) -> list:
+    """Copy in place, from ``start``, every frame that still aliases the caller's memory.
+
+    An out-of-band frame is a view of the argument itself (a numpy array's data), and
+    zmq sends it later, from its own thread.  The message is signed now: an array
+    changed after ``submit()`` returned would go out with bytes its signature does not
+    cover, and be dropped as forged.  So the task takes the value at submit time, as
+    ProcessPoolExecutor's pickled call does; a memcpy costs a fraction of the SHA-256
+    the signature already pays for the same bytes.
+    """
+    for i in range(start, len(frames)):
+        f = frames[i]
+        if not isinstance(f, bytes):
+            frames[i] = bytes(f)
+    return frames
+
+
 def loads(frames: Sequence[Any], refs: dict | None = None) -> Any:
     """Inverse of :func:`dumps`; out-of-band frames are used without copying.
 
