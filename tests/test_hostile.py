@@ -213,3 +213,61 @@ def test_hub_counts_only_known_statuses():
     assert hub.counts["ok"] == 1
     assert len(hub.counts) <= 6, sorted(hub.counts)[:10]
     dumps({"tasks": dict(hub.counts)})  # what queue_reply sends: it must encode
+
+
+# -- without the key, over tcp (any local user can reach the ports) ---------------------
+
+@pytest.fixture(scope="module")
+def tcp_cluster():
+    """A LocalCluster over tcp on loopback, whose ports every local user can reach."""
+    c = LocalCluster(2, transport="tcp", heartbeat_period=0.25, heartbeat_misses=8)
+    c.ex = c.__enter__()
+    yield c
+    c.__exit__(None, None, None)
+
+
+@pytest.fixture
+def tcp_raw(tcp_cluster):
+    r = Raw(tcp_cluster.ex.client.info)
+    yield r
+    r.close()
+
+
+def _connected(sock, chan, info):
+    """Connect ``sock`` to ``chan`` and wait for its handshake (bounded)."""
+    mon = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+    try:
+        sock.connect(info.url(chan))
+        assert mon.poll(10_000), f"no handshake with {chan}"
+    finally:
+        sock.disable_monitor()
+        mon.close(linger=0)
+    return sock
+
+
+@pytest.mark.timeout(120)
+def test_engine_identity_cannot_be_taken_over(tcp_cluster, tcp_raw):
+    """9: a stranger's DEALER with an engine's identity (read off the notification feed)
+    on task_engine and mux_engine took that engine's route: 5 of 5 futures hung."""
+    ex = tcp_cluster.ex
+    info = ex.client.info
+    pids = all_pids(tcp_cluster)
+    eid = ex.engines[0]
+    uuid = engine_uuid(tcp_cluster, eid)
+    thieves = []
+    for chan in ("task_engine", "mux_engine", "control_engine", "hb_pong", "registration"):
+        s = tcp_raw.ctx.socket(zmq.DEALER)
+        s.linger = 0
+        s.identity = uuid
+        thieves.append(_connected(s, chan, info))
+    try:
+        lb = [ex.submit(tasks.mul, i, 2) for i in range(10)]
+        direct = [ex.engine(eid).submit(tasks.mul, i, 3) for i in range(5)]
+        assert [f.result(30) for f in lb] == [2 * i for i in range(10)]
+        assert [f.result(30) for f in direct] == [3 * i for i in range(5)]
+        assert_serves(tcp_cluster, pids)
+        for s in thieves:
+            assert not s.poll(0), "a stranger received a message meant for the engine"
+    finally:
+        for s in thieves:
+            s.close(linger=0)

@@ -36,9 +36,12 @@ def main(info: ConnectionInfo, name: str) -> None:
         s.linger = 0
     if in_type == zmq.SUB:
         ins.subscribe(b"")
-    if out_type == zmq.ROUTER:
-        # an engine that reconnects (same identity) takes its route over at once
-        outs.setsockopt(zmq.ROUTER_HANDOVER, 1)
+    # No ROUTER_HANDOVER on the engines' side: routing identities are engine uuids, which
+    # anyone who can connect reads off the notification feed, and with handover a
+    # stranger's socket naming itself so took the engine's route (its requests then went
+    # to the stranger and their futures hung).  Without it the first connection keeps
+    # the identity and a later one with the same identity is ignored; an engine's own
+    # reconnection finds its old connection already closed (see security.md).
     secure(ins, info, server=True)
     secure(outs, info, server=True)
     secure(mon, info, server=False)

@@ -104,7 +104,8 @@ class TaskScheduler:
         self.client = ctx.socket(zmq.ROUTER)
         self.engine_sock = ctx.socket(zmq.ROUTER)
         self.engine_sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self.engine_sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        # no ROUTER_HANDOVER: a stranger would take an engine's route by its (public)
+        # uuid; the first connection keeps an identity (see devices.py)
         for s in (self.client, self.engine_sock):
             s.sndhwm = s.rcvhwm = 0
             s.linger = 0
