@@ -231,3 +231,15 @@ def test_progress_over_map_keeps_order_and_is_silent_off_a_terminal(ex, monkeypa
     assert "20/20" in term.getvalue()
     assert list(zexec.progress(ex.map(tasks.mul, range(20)), file=pipe)) == list(range(20))
     assert pipe.getvalue() == ""  # not a terminal: no bar at all
+
+
+def test_a_finished_future_with_a_long_limit_is_not_kept(ex):
+    import gc
+    import weakref
+
+    fut = ex.options(timeout=3600).submit(tasks.mul, 2)
+    assert fut.result(30) == 2
+    ref = weakref.ref(fut)
+    del fut
+    gc.collect()
+    assert ref() is None  # the client's timer holds it weakly

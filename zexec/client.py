@@ -92,12 +92,13 @@ class Client:
         self._lost_tries: dict[str, int] = {}
         self._resend_for: dict[str, str] = {}
         self._draining: dict[int, tuple] = {}
-        # time limits: a heap of (deadline, seq, future, limit, grace), pushed by user
-        # threads under _timer_lock, expired by the IO thread; interrupts waiting for
-        # their task's engine to be known (it reports the start)
+        # time limits: a heap of (deadline, seq, weakref to future, limit, grace), pushed
+        # by user threads under _timer_lock, expired by the IO thread; interrupts waiting
+        # for their task's engine to be known (it reports the start)
         self._deadlines: list = []
         self._timer_lock = threading.Lock()
         self._timer_seq = itertools.count()
+        self._compact_at = 1024
         self._want_interrupt: dict[str, tuple] = {}
         self._engines: dict[int, dict] = {}
         self._dead: dict[int, dict] = {}
@@ -312,9 +313,16 @@ class Client:
 
     def _arm(self, fut: ZFuture, limit: float, grace: float) -> None:
         deadline = time.monotonic() + limit
+        ref = weakref.ref(fut)  # a finished future is not kept until its deadline
         with self._timer_lock:
-            heapq.heappush(self._deadlines, (deadline, next(self._timer_seq), fut, limit, grace))
-            first = self._deadlines[0][2] is fut
+            heap = self._deadlines
+            if len(heap) >= self._compact_at:
+                # amortized: drop the entries of futures done or gone since they came
+                heap[:] = [e for e in heap if (f := e[2]()) is not None and not f.done()]
+                heapq.heapify(heap)
+                self._compact_at = max(1024, 2 * len(heap))
+            heapq.heappush(heap, (deadline, next(self._timer_seq), ref, limit, grace))
+            first = heap[0][2] is ref
         if first:
             self._wake()  # the IO thread may sleep past this deadline otherwise
 
@@ -457,7 +465,7 @@ class Client:
         poller.register(self._wake_r, zmq.POLLIN)
         try:
             while not self._closing:
-                ready = poller.poll(0 if self._outbox else self._poll_ms())
+                ready = poller.poll(0 if self._outbox else self._poll_ms() if self._deadlines else 500)
                 self._wake_pending = False
                 try:
                     while os.read(self._wake_r, 4096):
@@ -494,8 +502,7 @@ class Client:
             os.close(self._wake_w)
 
     def _poll_ms(self) -> int:
-        if not self._deadlines:
-            return 500
+        """Until the next time limit, at most 500 ms (the loop's usual wait)."""
         return max(0, min(500, int((self._deadlines[0][0] - time.monotonic()) * 1000) + 1))
 
     # -- time limits and interrupts (IO thread) ------------------------------------------
@@ -506,8 +513,9 @@ class Client:
             heap = self._deadlines
             while heap and heap[0][0] <= now:
                 due.append(heapq.heappop(heap))
-        for _, _, fut, limit, grace in due:
-            if not fut.done():
+        for _, _, ref, limit, grace in due:
+            fut = ref()
+            if fut is not None and not fut.done():
                 self._expire(fut, limit, grace)
 
     def _expire(self, fut: ZFuture, limit: float, grace: float) -> None:
@@ -525,6 +533,12 @@ class Client:
         if fut._state == RUNNING:
             _fail(fut, exc)  # its entry stays: the reply (after the interrupt) removes it
             self._interrupt_io(msg_id, "timeout", grace)
+            return
+        if msg_id in self._abort_waits:
+            # a cancel() is asking already: look again once it has its answer
+            with self._timer_lock:
+                heapq.heappush(self._deadlines, (time.monotonic() + 0.1, next(self._timer_seq),
+                                                 weakref.ref(fut), limit, grace))
             return
         self._abort_waits[msg_id] = _Expiry(self, fut, exc, grace)
         target = entry[1]
