@@ -8,9 +8,12 @@ import os
 import weakref
 
 import numpy as np
+import psutil
 import pytest
 
-from zexec import LocalCluster, serialize, wire
+import tasks
+from conftest import wait_until
+from zexec import EngineDiedError, LocalCluster, serialize, wire
 from zexec.errors import ProtocolError
 from zexec.futures import ZFuture
 
@@ -92,3 +95,33 @@ def test_big_array_changed_after_submit_on_tcp(no_leaks):
         with pytest.raises(ProtocolError, match="does not match its signature"):
             fut.result(60)
         assert ex.submit(pow, 2, 5).result(60) == 32
+
+
+@pytest.mark.timeout(180)
+def test_a_poison_task_fails_and_the_cluster_keeps_its_engines(no_leaks):
+    """Finding 2: retries of a task that kills its engine killed young engine after
+    young engine, the crash-loop guard stopped replacing, and the cluster ended empty."""
+    with LocalCluster(2, retries=6) as ex:
+        with pytest.raises(EngineDiedError) as info:
+            ex.submit(tasks.hard_exit, 1).result(120)
+        assert info.value.exitcode == 1
+        wait_until(lambda: len(ex.engines) == 2, 60, what="two engines again")
+        assert ex.submit(tasks.mul, 6, 7).result(60) == 42
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+@pytest.mark.parametrize("how", ["return", "exit", "raise"])
+def test_a_process_forked_by_a_task_never_runs_engine_code(cluster, how):
+    """Finding 3: the child of a task that returned (or exited, or raised) went on as
+    a copy of the engine, spinning on the engine's sockets after everything stopped."""
+    ex = cluster.ex
+    child = ex.submit(tasks.fork_and_return, how).result(30)
+    assert isinstance(child, int) and child > 0
+    wait_until(lambda: _gone(child), 10, what="the forked child to exit")
+    assert ex.submit(tasks.mul, 2, 21).result(30) == 42

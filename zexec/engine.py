@@ -76,11 +76,34 @@ class _Capture(io.StringIO):
         return False
 
 
+def _leave_forked_child(exc: BaseException | None) -> None:
+    """End a process that a task (or the initializer) forked, where it comes back into
+    engine code: by returning, raising or ``sys.exit()``.  It must never go on as the
+    engine (its copies of the sockets would send replies and spin on a context whose
+    threads did not survive the fork; a lock held at the fork would never be freed).
+    It exits at once, as ``multiprocessing``'s forked children do: the exit status of
+    ``sys.exit()``, 1 after an exception, else 0; no atexit handler of the engine runs."""
+    if isinstance(exc, SystemExit):
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    else:
+        code = 0 if exc is None else 1
+    for stream in (sys.__stdout__, sys.__stderr__):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001 - exiting regardless
+            pass
+    os._exit(code)
+
+
 class Engine:
     def __init__(self, info: ConnectionInfo, *, launcher: str | None = None,
                  log_path: str | None = None, max_tasks: int | None = None,
-                 initializer=None, initargs: tuple = (), startup_timeout: float = 60.0) -> None:
+                 initializer=None, initargs: tuple = (), startup_timeout: float = 60.0,
+                 on_ready=None) -> None:
         self.info = info
+        #: called once registered and initialized, before the first task: its engine set
+        #: then knows a later death is not a failure to start (see EngineSet._reap)
+        self.on_ready = on_ready
         self.session = Session(info.key_bytes)
         self.uuid = uuid_mod.uuid4().hex
         self.ident = self.uuid.encode()
@@ -225,6 +248,7 @@ class Engine:
 
     # -- main loop -----------------------------------------------------------------------
     def run(self) -> int:
+        self.pid = os.getpid()  # a process a task forks is not this engine (see _leave_forked_child)
         self.ctx = zmq.Context()
         try:
             reply = self._register()
@@ -235,7 +259,11 @@ class Engine:
             if self.initializer is not None:
                 try:
                     self.initializer(*self.initargs)
+                    if os.getpid() != self.pid:
+                        _leave_forked_child(None)
                 except BaseException as e:  # noqa: BLE001 - reported, then the engine exits
+                    if os.getpid() != self.pid:
+                        _leave_forked_child(e)
                     # the traceback into the user's code travels with the goodbye: the
                     # client prints it, as ProcessPoolExecutor's worker does
                     text = serialize.format_exception(serialize.drop_internal_frames(e))
@@ -244,6 +272,8 @@ class Engine:
                                   INITIALIZER_FAILED, fatal=True,
                                   traceback=text[-TRACEBACK_MAX:])
                     return INITIALIZER_FAILED
+            if self.on_ready is not None:
+                self.on_ready()
             return self._loop()
         finally:
             for name in ("task_sock", "mux", "control", "iopub", "registrar", "_wake_tx", "_wake_rx"):
@@ -505,6 +535,8 @@ class Engine:
                 result = serialize.run_chunk(fn, args)
             else:
                 result = fn(*args[0], **args[1])
+            if os.getpid() != self.pid:
+                _leave_forked_child(None)
             del args
             try:
                 frames = serialize.dumps(result)
@@ -520,6 +552,8 @@ class Engine:
                 reply, frames = serialize.exception_frames(e)
             del result
         except BaseException as e:  # noqa: BLE001 - the task's own exception goes back to its caller
+            if os.getpid() != self.pid:
+                _leave_forked_child(e)
             self._in_task = None
             reply, frames = serialize.exception_frames(serialize.drop_internal_frames(e))
             del e

@@ -27,8 +27,7 @@ from .protocol import Session
 
 log = logging.getLogger("zexec.engineset")
 
-#: engines that die this young this many times in a row stop the replacing
-CRASH_LOOP_AGE = 2.0
+#: engines that die before they are ready this many times in a row stop the replacing
 CRASH_LOOP_COUNT = 5
 #: with no hub_beat for this long (before the first / after one), the engines stop
 HUB_FIRST = 30.0
@@ -50,7 +49,9 @@ class EngineSet:
         self.id = uuid.uuid4().hex
         self.session = Session(info.key_bytes)
         self.children: dict[int, float] = {}
-        self.young_deaths = 0
+        self.start_failures = 0
+        #: pid -> the read end of a pipe on which the engine writes once it is ready
+        self.ready_pipes: dict[int, int] = {}
         self.hub_stopped = False
         self.initializer = None
         self.initargs: tuple = ()
@@ -69,12 +70,19 @@ class EngineSet:
     def spawn(self) -> int:
         parent = os.getpid()
         log_path = None
+        ready_r, ready_w = os.pipe()
         pid = os.fork()
         if pid:
+            os.close(ready_w)
+            os.set_blocking(ready_r, False)
             self.children[pid] = time.monotonic()
+            self.ready_pipes[pid] = ready_r
             return pid
         code = 1
         try:
+            os.close(ready_r)
+            for fd in self.ready_pipes.values():
+                os.close(fd)  # the other engines' pipes: the parent's, not ours
             child_signals()
             signal.set_wakeup_fd(-1)
             if self.log_dir:
@@ -86,7 +94,8 @@ class EngineSet:
             setup_logging()
             watch_parent(parent)
             code = Engine(self.info, launcher=self.id, log_path=log_path, max_tasks=self.max_tasks,
-                          initializer=self.initializer, initargs=self.initargs).run()
+                          initializer=self.initializer, initargs=self.initargs,
+                          on_ready=lambda: os.write(ready_w, b"r")).run()
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else 1
         except BaseException:  # noqa: BLE001
@@ -185,6 +194,7 @@ class EngineSet:
             born = self.children.pop(pid, None)
             if born is None:
                 continue
+            started = self._was_ready(pid)
             rc = os.waitstatus_to_exitcode(status)
             log.info("engine pid %d exited with %s", pid, rc)
             hub.send_multipart(self.session.pack(
@@ -196,12 +206,28 @@ class EngineSet:
                 log.error("an engine's initializer failed: not replacing engines")
                 self.replace = False
                 continue
-            self.young_deaths = self.young_deaths + 1 if time.monotonic() - born < CRASH_LOOP_AGE and rc != 0 else 0
-            if self.young_deaths >= CRASH_LOOP_COUNT:
+            # a crash loop is engines that cannot start (a broken environment, a module
+            # that segfaults on import); an engine killed by its task (os._exit, a
+            # segfault, the OOM killer: retries of one poison task kill engine after
+            # engine) had started, and is replaced however young it was
+            self.start_failures = self.start_failures + 1 if not started and rc != 0 else 0
+            if self.start_failures >= CRASH_LOOP_COUNT:
                 log.error("engines keep dying at start (last exit %s): not replacing them", rc)
                 self.replace = False
                 continue
             self.spawn()
+
+    def _was_ready(self, pid: int) -> bool:
+        """Whether the exited engine ``pid`` had said it was ready (registered, initialized)."""
+        fd = self.ready_pipes.pop(pid, None)
+        if fd is None:
+            return False
+        try:
+            return bool(os.read(fd, 1))
+        except BlockingIOError:
+            return False  # still open elsewhere (a process the task forked) and empty
+        finally:
+            os.close(fd)
 
     def _on_notification(self, frames: list) -> None:
         try:
