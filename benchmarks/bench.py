@@ -392,6 +392,8 @@ WORKLOADS = [("startup", w_startup), ("latency", w_latency), ("direct", w_direct
              ("tput", w_throughput), ("map1", w_map1), ("map100", w_map100),
              ("array", w_array), ("balance", w_balance), ("shutdown", w_shutdown),
              ("leftover", w_leftover)]
+#: workloads every run has: the peer must start, and is checked for leftovers
+ALWAYS = ("startup", "shutdown", "leftover")
 
 
 def emit(obj: dict) -> None:
@@ -410,6 +412,8 @@ def run_peer(name: str, cfg: dict) -> int:
     started = shut = False
     try:
         for key, fn in WORKLOADS:
+            if cfg.get("rows") and key not in cfg["rows"] and key not in ALWAYS:
+                continue
             if key == "shutdown":
                 shut = True  # whatever happens, do not shut down twice
             if key != "startup" and not started:
@@ -506,6 +510,8 @@ def run_child(name: str, args, cfg: dict) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--peer", name, "--json"]
     if args.quick:
         cmd.append("--quick")
+    if cfg.get("rows"):
+        cmd += ["--rows", ",".join(cfg["rows"])]
     res: dict = {"values": {}, "errors": {}, "notes": [], "version": "?", "done": False}
     stderr_lines: list[str] = []
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -777,8 +783,17 @@ def main(argv: list[str] | None = None) -> int:
                     help="before each peer, wait up to this long for the machine's CPU use "
                          "to fall under 20%% (it is always measured and reported)")
     ap.add_argument("-v", "--verbose", action="store_true", help="echo the peers' stderr")
+    ap.add_argument("--rows", metavar="KEYS",
+                    help="comma-separated workloads to run, of " + ",".join(
+                        k for k, _ in WORKLOADS if k not in ALWAYS) + " (default all; "
+                        + ", ".join(ALWAYS) + " always run)")
     args = ap.parse_args(argv)
     cfg = dict(SIZES["quick" if args.quick else "full"], mode="quick" if args.quick else "full")
+    if args.rows:
+        cfg["rows"] = [k.strip() for k in args.rows.split(",") if k.strip()]
+        unknown = set(cfg["rows"]) - {k for k, _ in WORKLOADS}
+        if unknown:
+            ap.error(f"unknown rows {sorted(unknown)}")
     if args.timeout:
         cfg["peer_timeout"] = args.timeout
 

@@ -174,3 +174,11 @@ def fork_and_return(how="return"):
     if how == "raise":
         raise ValueError("in the forked child")
     return "child"
+
+
+def pid_then_wait(started, release):
+    """Write this engine's pid into ``started``, then block until ``release`` exists."""
+    with open(started + ".tmp", "w") as f:
+        f.write(str(os.getpid()))
+    os.replace(started + ".tmp", started)
+    return wait_for_file(release, timeout=60, value=os.getpid())

@@ -61,3 +61,34 @@ def test_a_stale_hub_beat_removes_no_engine_it_cannot_speak_for():
     # a beat that knew all three and lists 0 and 2 live: engine 1 is gone
     c._sync_engines({"0": c._engines[0], "2": c._engines[2]}, pending=[], next_id=3)
     assert sorted(c._engines) == [0, 2] and list(c._dead) == [1]
+
+
+def test_runs_long_needs_a_start_report_and_a_long_run():
+    from zexec.controller.policy import runs_long
+
+    assert not runs_long(None, 0.001)                 # not reported started
+    assert not runs_long(0.02, 0.001)                 # under the floor
+    assert runs_long(0.06, 0.001)                     # past the floor, 60x the mean
+    assert not runs_long(0.06, 0.02)                  # 3x the mean: an ordinary task
+    assert runs_long(0.09, 0.02)
+    assert runs_long(0.06, None)                      # nothing measured yet
+
+
+def test_give_back_only_to_an_idle_engine_with_an_empty_queue():
+    from zexec.controller.policy import give_back_from
+
+    cap = {"a": 16, "b": 16, "c": 16}
+    long = {"a": True, "b": False, "c": False}
+    # b is idle, nothing waits here: a's queued tasks should move
+    assert give_back_from({"a": 5, "b": 0, "c": 3}, cap, long, queued=0) == ["a"]
+    # tasks still wait in the scheduler: the idle engine gets those first
+    assert give_back_from({"a": 5, "b": 0, "c": 3}, cap, long, queued=2) == []
+    # nobody idle
+    assert give_back_from({"a": 5, "b": 1, "c": 3}, cap, long, queued=0) == []
+    # an idle engine that cannot take work (unreachable, at max_tasks) does not count
+    assert give_back_from({"a": 5, "b": 0, "c": 3}, dict(cap, b=0), long, queued=0) == []
+    # only its running task: nothing to give back
+    assert give_back_from({"a": 1, "b": 0, "c": 3}, cap, long, queued=0) == []
+    # a task that does not run long keeps its queue
+    assert give_back_from({"a": 5, "b": 0, "c": 3}, cap, dict(long, a=False), queued=0) == []
+    assert give_back_from({}, {}, {}, queued=0) == []

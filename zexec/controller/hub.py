@@ -443,8 +443,9 @@ class Hub:
             return
         if not isinstance(t, (int, float)):
             t = None
+        if msg_id not in self.records:  # sent again (retried, given back): one task still
+            self.counts["submitted"] += 1
         self.records[msg_id] = [t, engine_id if isinstance(engine_id, int) else None, None, None, None]
-        self.counts["submitted"] += 1
         while len(self.records) > self.max_records:
             self.records.popitem(last=False)  # oldest first: the table stays bounded
 
@@ -467,6 +468,12 @@ class Hub:
                 _yield()
         for i, (msg_id, status, started, completed) in enumerate(rec.get("done", ())):
             r = self.records.get(msg_id)
+            if status == "given_back":
+                # back in the task scheduler's queue: no engine holds it, and it is not done
+                self.counts["given_back"] += 1
+                if r is not None:
+                    r[1] = None
+                continue
             self._finish(msg_id, status, r[1] if r else None, started, completed)
             if i % (YIELD_EVERY * 8) == YIELD_EVERY * 8 - 1:
                 _yield()

@@ -47,6 +47,34 @@ def outstanding_bound(mean_runtime: float, mean_overhead: float,
     return max(lo, min(hi, 1 + math.ceil(ratio)))
 
 
+def runs_long(running_for: float | None, mean_runtime: float | None,
+              at_least: float = 0.05, factor: float = 4.0) -> bool:
+    """Whether an engine's current task has run long enough that work queued behind it
+    should go elsewhere: ``factor`` times the mean task, and at least ``at_least`` s.
+
+    ``running_for`` is None when the engine has not reported its task started (engines
+    report a task only once it runs past 10 ms).  The floor keeps tasks of ordinary,
+    even if uneven, length (the balance workload's 0-20 ms) out of it entirely.
+    """
+    if running_for is None:
+        return False
+    return running_for >= max(at_least, factor * (mean_runtime or 0.0))
+
+
+def give_back_from(loads: Mapping[Hashable, int], capacity: Mapping[Hashable, int],
+                   long: Mapping[Hashable, bool], queued: int) -> list:
+    """Engines that should give back the tasks waiting behind their long-running one.
+
+    Only when nothing waits in the scheduler's own queue and an engine that can take
+    work has none: then a task queued behind a long one would wait although an engine
+    is free.  ``loads`` counts each engine's outstanding tasks (the running one
+    included), ``long`` says whether its current task runs long (``runs_long``).
+    """
+    if queued or not any(n == 0 and capacity[e] > 0 for e, n in loads.items()):
+        return []
+    return [e for e, n in loads.items() if n > 1 and long.get(e)]
+
+
 def heart_failures(last_seen: Mapping[Hashable, int], beat: int, misses: int) -> list:
     """Hearts whose last answered beat is more than ``misses`` beats behind ``beat``."""
     return [h for h, b in last_seen.items() if beat - b > misses]

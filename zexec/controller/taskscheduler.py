@@ -9,7 +9,9 @@
 It behaves like a ROUTER/ROUTER queue from the outside, with Python inside: it verifies
 every message (a big one by its routing signature, over the header), picks an engine by
 least load (``policy.choose_engine``) under an adaptive bound on outstanding tasks per
-engine, holds the rest in a FIFO queue, drops aborted tasks wherever they wait, and when
+engine, holds the rest in a FIFO queue, drops aborted tasks wherever they wait, takes
+back the tasks queued at an engine whose current task runs long when another engine
+is idle (``give_back``: they go to a free engine instead of waiting), and when
 the hub reports an engine dead it resubmits that engine's tasks that have retries left
 and fails the others with an EngineDiedError reply (after a clean exit, it first waits a
 few seconds for the last replies).  Queued tasks fail with NoEnginesError when no engine
@@ -39,6 +41,10 @@ log = logging.getLogger("zexec.taskscheduler")
 DRAIN_TIMEOUT = 5.0
 #: how often task records go to the hub
 RECORD_INTERVAL = 0.1
+#: an engine reports a task started once it has run this long (engine.WATCH_AFTER)
+STARTED_AFTER = 0.01
+#: while an engine runs a reported task, look this often whether it runs long
+LONG_CHECK = 0.05
 
 
 class _Task:
@@ -63,7 +69,7 @@ def _reply_idents(header: dict, idents: list) -> list:
 
 
 class _Engine:
-    __slots__ = ("id", "uuid", "outstanding", "sent", "max_tasks", "info")
+    __slots__ = ("id", "uuid", "outstanding", "sent", "max_tasks", "info", "running", "giving_back")
 
     def __init__(self, info: dict):
         self.id = info["id"]
@@ -73,6 +79,10 @@ class _Engine:
         mt = info.get("max_tasks")
         self.max_tasks = mt if type(mt) is int and mt > 0 else None
         self.info = info
+        #: (msg_id, monotonic time it began) of the task it reported started, until its reply
+        self.running: tuple[str, float] | None = None
+        #: the msg_id of our abort_request asking for its queued tasks back, until answered
+        self.giving_back: str | None = None
 
 
 class TaskScheduler:
@@ -97,6 +107,8 @@ class TaskScheduler:
         self._submitted: list = []
         self._next_flush = 0.0
         self._done: list = []
+        self.n_running = 0  # engines with a reported-started task (cheap test in the loop)
+        self.giving_back: dict[str, bytes] = {}  # our abort_request's msg_id -> engine
 
     # -- sockets -------------------------------------------------------------------------
     def _sockets(self, ctx: zmq.Context) -> None:
@@ -133,7 +145,10 @@ class TaskScheduler:
         log.info("task scheduler up")
         try:
             while True:
-                ready = dict(poller.poll(100 if self.draining or self._submitted or self._done else 1000))
+                timeout = 100 if self.draining or self._submitted or self._done else 1000
+                if self.n_running:
+                    timeout = min(timeout, int(LONG_CHECK * 1000))  # see _rebalance
+                ready = dict(poller.poll(timeout))
                 # replies before notifications: an engine's last reply and the news
                 # of its exit often arrive together
                 if self.engine_sock in ready:
@@ -147,6 +162,8 @@ class TaskScheduler:
                 if self.client in ready:
                     self._drain(self.client, self._on_client)
                 self._dispatch()
+                if self.n_running:
+                    self._rebalance()
                 self._flush_records()
         finally:
             ctx.destroy(linger=0)
@@ -223,12 +240,25 @@ class TaskScheduler:
         if eng is None:
             return  # a reply from an engine already declared dead: its task moved on
         if kind == "status":
+            mid = header.get("parent_id")
+            if mid in eng.outstanding:
+                if eng.running is None:
+                    self.n_running += 1
+                eng.running = (mid, time.monotonic() - STARTED_AFTER)
             send_frames(self.client, [*idents, DELIM, *rest])  # a task started: to its client
             return
         if kind == "give_back":
             self._take_back(eng, euuid, rest)
             return
         if kind == "abort_reply":
+            if self.giving_back:
+                try:
+                    asked = loads(rest[2]).get("msg_id")
+                except (ValueError, AttributeError, TypeError):
+                    asked = None
+                if asked in self.giving_back:
+                    self._given_back(eng, asked, rest[3])
+                    return
             try:
                 aborted = check_content(kind, loads(rest[3])).get("aborted", ())
             except (ProtocolError, ValueError) as e:
@@ -247,6 +277,9 @@ class TaskScheduler:
         task = eng.outstanding.pop(header.get("parent_id"), None)
         if task is None:
             return
+        if eng.running is not None and eng.running[0] == task.msg_id:
+            eng.running = None
+            self.n_running -= 1
         self.tasks.pop(task.msg_id, None)
         now = time.time()
         elapsed = header.get("elapsed")
@@ -302,6 +335,12 @@ class TaskScheduler:
             if e.max_tasks is not None:
                 c = min(c, e.max_tasks - e.sent + len(e.outstanding))
             cap[u] = c
+        if self.n_running:
+            # nothing more behind a task that runs long: it would wait for it
+            mono = time.monotonic()
+            for u, e in self.engines.items():
+                if e.running is not None and policy.runs_long(mono - e.running[1], self.mean_runtime):
+                    cap[u] = min(cap[u], len(e.outstanding))
         if self.unreachable:
             mono = time.monotonic()
             for u, until in list(self.unreachable.items()):
@@ -327,12 +366,72 @@ class TaskScheduler:
             self.rr = (self.order.index(euuid) + 1) % len(self.order)
             task.engine = euuid
             task.sent = now
-            if task.retries <= 0:
-                task.rest = None  # nothing to resend: let the payload go
+            if task.retries <= 0 and not eng.outstanding:
+                # nothing to resend, and it starts at once: let the payload go.  A task
+                # queued behind another keeps it, to be given back (see give_back)
+                task.rest = None
             eng.outstanding[task.msg_id] = task
             eng.sent += 1
             loads_[euuid] += 1
             self._submitted.append((task.msg_id, eng.id, now))
+
+    # -- giving back the tasks queued behind a long one --------------------------------
+    def _rebalance(self) -> None:
+        """Tasks queued behind a long-running task go to an idle engine (``policy.give_back_from``)."""
+        now = time.monotonic()
+        loads_, room, long = {}, {}, {}
+        for u, e in self.engines.items():
+            loads_[u] = len(e.outstanding)
+            room[u] = 0 if u in self.unreachable or (
+                e.max_tasks is not None and e.sent >= e.max_tasks) else 1
+            long[u] = e.running is not None and policy.runs_long(now - e.running[1], self.mean_runtime)
+        for u in policy.give_back_from(loads_, room, long, len(self.queue)):
+            eng = self.engines[u]
+            self.give_back(u, [m for m in eng.outstanding if m != eng.running[0]])
+
+    def give_back(self, euuid: bytes, msg_ids: list) -> int:
+        """Ask engine ``euuid`` to return tasks it holds but has not started.
+
+        An abort_request of our own, behind the tasks on the same pipe: the engine drops
+        those still in its queue and names them in its abort_reply (``_given_back``),
+        and they wait here again, first in line, for the engine the policy picks.  Any
+        it has started meanwhile stays there and is answered as usual.  Only tasks whose
+        payload is still held here can come back (see ``_dispatch``).  One request per
+        engine at a time; returns how many tasks were asked for.
+        """
+        eng = self.engines.get(euuid)
+        if eng is None or eng.giving_back is not None:
+            return 0
+        ids = [m for m in msg_ids if m in eng.outstanding and eng.outstanding[m].rest is not None]
+        if not ids:
+            return 0
+        header = self.session.header("abort_request")
+        if not self._send_engine(self.session.pack("abort_request", {"msg_ids": ids},
+                                                   header=header, idents=[euuid])):
+            return 0
+        eng.giving_back = header["msg_id"]
+        self.giving_back[header["msg_id"]] = euuid
+        return len(ids)
+
+    def _given_back(self, eng: _Engine, asked: str, content) -> None:
+        """The engine's answer to ``give_back``: requeue what it dropped, in order."""
+        del self.giving_back[asked]
+        if eng.giving_back == asked:
+            eng.giving_back = None
+        try:
+            dropped = set(loads(content).get("aborted", ()))
+        except (ValueError, AttributeError, TypeError):
+            self.bad("malformed abort_reply")
+            return
+        back = [t for m, t in eng.outstanding.items() if m in dropped]
+        for task in back:
+            del eng.outstanding[task.msg_id]
+            eng.sent -= 1  # never ran there: not one of its max_tasks
+            task.engine = None
+            self._done.append((task.msg_id, "given_back", None, None))
+        self.queue.extendleft(reversed(back))
+        if back:
+            log.info("engine %s gave back %d tasks queued behind a long one", eng.id, len(back))
 
     def _send_engine(self, frames: list) -> bool:
         try:
@@ -392,6 +491,13 @@ class TaskScheduler:
         self._remove_from_routing(euuid)
         if eng is None:
             return
+        if eng.running is not None:
+            eng.running = None
+            self.n_running -= 1
+        if eng.giving_back is not None:
+            # its answer may never come; should it come (draining), it is a plain abort_reply
+            self.giving_back.pop(eng.giving_back, None)
+            eng.giving_back = None
         if info.get("exitcode") == 0 and eng.outstanding:
             # a clean exit (recycled, shut down): its last replies are still on the way
             self.draining[euuid] = (eng, time.monotonic() + DRAIN_TIMEOUT, info)
