@@ -241,7 +241,7 @@ class TaskScheduler:
             return  # a reply from an engine already declared dead: its task moved on
         if kind == "status":
             mid = header.get("parent_id")
-            if mid in eng.outstanding:
+            if isinstance(mid, str) and mid in eng.outstanding:
                 if eng.running is None:
                     self.n_running += 1
                 eng.running = (mid, time.monotonic() - STARTED_AFTER)
@@ -256,7 +256,7 @@ class TaskScheduler:
                     asked = loads(rest[2]).get("msg_id")
                 except (ValueError, AttributeError, TypeError):
                     asked = None
-                if asked in self.giving_back:
+                if isinstance(asked, str) and asked in self.giving_back:
                     self._given_back(eng, asked, rest[3])
                     return
             try:
@@ -380,9 +380,10 @@ class TaskScheduler:
         """Tasks queued behind a long-running task go to an idle engine (``policy.give_back_from``)."""
         now = time.monotonic()
         loads_, room, long = {}, {}, {}
+        routed = set(self.order)
         for u, e in self.engines.items():
             loads_[u] = len(e.outstanding)
-            room[u] = 0 if u in self.unreachable or (
+            room[u] = 0 if u not in routed or u in self.unreachable or (
                 e.max_tasks is not None and e.sent >= e.max_tasks) else 1
             long[u] = e.running is not None and policy.runs_long(now - e.running[1], self.mean_runtime)
         for u in policy.give_back_from(loads_, room, long, len(self.queue)):
@@ -419,9 +420,9 @@ class TaskScheduler:
         if eng.giving_back == asked:
             eng.giving_back = None
         try:
-            dropped = set(loads(content).get("aborted", ()))
-        except (ValueError, AttributeError, TypeError):
-            self.bad("malformed abort_reply")
+            dropped = set(check_content("abort_reply", loads(content)).get("aborted", ()))
+        except (ProtocolError, ValueError, TypeError) as e:
+            self.bad("malformed abort_reply", str(e))
             return
         back = [t for m, t in eng.outstanding.items() if m in dropped]
         for task in back:
