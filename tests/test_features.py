@@ -243,3 +243,18 @@ def test_a_finished_future_with_a_long_limit_is_not_kept(ex):
     del fut
     gc.collect()
     assert ref() is None  # the client's timer holds it weakly
+
+
+@pytest.mark.parametrize("scheme", ["pure", "direct"])
+def test_time_limits_on_the_mux_paths(cluster, tmp_path, scheme):
+    started, interrupted = str(tmp_path / "started"), str(tmp_path / "interrupted")
+    with ZmqExecutor(connection=cluster.connection_file,
+                     scheme="pure" if scheme == "pure" else "leastload") as ex:
+        target = ex if scheme == "pure" else ex.engine(ex.engines[1])
+        limited = target.options(timeout=1.0)
+        fut = limited.submit(ft.mark_then_sleep, started, interrupted, 60)
+        after = target.submit(tasks.mul, 3, 5)
+        with pytest.raises(TimeoutError):
+            fut.result(30)
+        wait_until(lambda: os.path.exists(interrupted), 10, what="the task to see KeyboardInterrupt")
+        assert after.result(30) == 15

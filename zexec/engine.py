@@ -22,6 +22,7 @@ shared memory (zexec.shm), checked against their signed digest.
 
 from __future__ import annotations
 
+import _thread
 import collections
 import io
 import logging
@@ -643,7 +644,11 @@ class Engine:
         elif now >= self._next_sigint:
             self._next_sigint = now + SIGINT_REPEAT
             self._last_sigint = now
-            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+            if hasattr(signal, "pthread_kill"):
+                # to the main thread itself: a blocking call there (sleep, a read) ends
+                signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+            else:  # pragma: no cover - Windows: the handler runs at the next bytecode
+                _thread.interrupt_main(signal.SIGINT)
 
     def _abandon_stuck_task(self, intr: tuple) -> None:
         """The interrupted task did not stop within its grace: fail it and exit.
