@@ -151,3 +151,23 @@ def test_every_option_says_what_it_does():
             assert action.help, f"zexec {name} {action.option_strings}: no help text"
     text = subs.choices["controller"].format_help()
     assert "(defaultzexec-cluster.json)" in "".join(text.split()), text  # wrapped at any space
+
+
+@pytest.mark.timeout(90)
+def test_stop_ends_zexec_local(no_leaks):
+    proc = subprocess.Popen([sys.executable, "-m", "zexec", "local", "-n", "1"], env=ENV,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert "connection file: " in line, (line, proc.poll())
+        path = line.rsplit("connection file: ", 1)[1].strip()
+        r = zexec("stop", "--connection-file", path)
+        assert r.returncode == 0, r.stderr
+        assert proc.wait(30) == 0
+        assert "the controller stopped" in proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+        proc.stdout.close()

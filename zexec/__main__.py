@@ -11,7 +11,6 @@ import argparse
 import json
 import os
 import sys
-import time
 
 DEFAULT_CONNECTION_FILE = "zexec-cluster.json"
 
@@ -167,8 +166,9 @@ def _local(args) -> int:
         print(f"zexec LocalCluster: {len(ex.engines)} engines; connection file: "
               f"{cluster.connection_file}", flush=True)
         print("Ctrl-C to stop", flush=True)
-        while True:
-            time.sleep(3600)  # the foreground process just waits for Ctrl-C
+        # until Ctrl-C, or the controller stops (`zexec stop`)
+        cluster.procs["controller"].wait()
+        print("the controller stopped", flush=True)
     except KeyboardInterrupt:
         print("stopping", flush=True)
     finally:
