@@ -182,3 +182,9 @@ def pid_then_wait(started, release):
         f.write(str(os.getpid()))
     os.replace(started + ".tmp", started)
     return wait_for_file(release, timeout=60, value=os.getpid())
+
+
+def positive(x):
+    if x < 0:
+        raise ValueError(f"negative: {x}")
+    return x

@@ -11,6 +11,7 @@ import pytest
 import tasks
 from conftest import wait_until
 from zexec import LocalCluster, serialize
+from zexec.futures import cancel_all
 
 
 def test_max_workers_follows_the_live_engines(cluster):
@@ -70,3 +71,39 @@ def test_the_function_inside_a_callable_is_cached_on_the_engine(cluster):
     counts = [view.submit(functools.partial(calls, k=0), 0).result(30) for _ in range(3)]
     assert counts == [1, 2, 3]
     assert list(cluster.ex.map(functools.partial(calls, k=0), range(2)))  # load-balanced too
+
+
+def test_short_items_of_a_map_travel_together_each_with_its_own_outcome(cluster):
+    ex = cluster.ex
+    assert list(ex.map(tasks.positive, range(12))) == list(range(12))  # now known short
+    fs = ex._submit_items(tasks.positive, [(x,) for x in [0, -1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]])
+    batches = {id(f._zbatch) for f in fs}
+    assert len(batches) == len(ex.engines)  # one batch per engine, not one task per item
+    with pytest.raises(ValueError, match="negative: -1"):
+        fs[1].result(30)  # the failing item fails alone
+    assert [f.result(30) for f in fs[2:]] == list(range(2, 12)) and fs[0].result(30) == 0
+    # through map: ordered results, the failure raised at its own place
+    it = ex.map(tasks.positive, [0, 1, -2, 3, 4, 5])
+    assert next(it) == 0 and next(it) == 1
+    with pytest.raises(ValueError, match="negative: -2"):
+        next(it)
+
+
+def test_a_batch_is_cancelled_whole_or_not_at_all(cluster, tmp_path):
+    ex = cluster.ex
+    ran = str(tmp_path / "ran")
+    list(ex.map(tasks.touch, [str(tmp_path / "warm")] * 12))  # known short: now in batches
+    release = str(tmp_path / "release")
+    blockers = [ex.submit(tasks.wait_for_file, release) for _ in range(len(ex.engines) * 20)]
+    try:
+        fs = ex._submit_items(tasks.touch, [(ran,)] * 12)
+        part = [f for f in fs if f._zbatch is fs[0]._zbatch]
+        rest = [f for f in fs if f._zbatch is not fs[0]._zbatch]
+        assert len(part) > 1
+        assert not part[0].cancel()  # one item of a batch: the batch still runs
+        assert cancel_all(rest) == rest and all(f.cancelled() for f in rest)
+    finally:
+        open(release, "w").close()
+    for b in blockers:
+        b.result(30)
+    assert all(f.result(30) is None for f in part)

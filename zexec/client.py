@@ -63,9 +63,31 @@ PROBE_TIMEOUT = 4.0
 FN_CACHE_SIZE = 128
 #: seconds an interrupted task has to stop before its engine gives up on it and exits
 INTERRUPT_GRACE = 5.0
+#: the longest a batch of a map call's short items may run on one engine
+BATCH_TIME = 0.005
 
 _clients: "weakref.WeakSet[Client]" = weakref.WeakSet()
 _CACHEABLE = (types.FunctionType, types.BuiltinFunctionType)
+
+
+def _stat_key(fn: Callable):
+    """What a function's run times are recorded under: the function a partial or a
+    bound method holds, else the callable's type (a wrapper's instances share it)."""
+    f = getattr(fn, "func", fn)
+    f = getattr(f, "__func__", f)
+    return f if isinstance(f, _CACHEABLE) else type(f)
+
+
+def _batch_done(fut: Future) -> None:
+    """A batch failed or was dropped as a whole: so did each of its items."""
+    if fut.cancelled():
+        for item in fut._items:
+            cancel_dropped(item)
+        return
+    exc = fut.exception()
+    if exc is not None:
+        for item in fut._items:
+            _fail(item, exc)
 
 
 @atexit.register
@@ -106,6 +128,7 @@ class Client:
         self._broken: BaseException | None = None
         self._closing = False
         self._fn_cache: collections.OrderedDict = collections.OrderedDict()
+        self._runtimes: dict = {}
         self._fn_lock = threading.Lock()
         self._send_lock = threading.Lock()
         self._bad = RateLimitedLog(log)
@@ -237,13 +260,45 @@ class Client:
         refs[key] = frames
         return key
 
+    def batch_size(self, fn: Callable, n: int) -> int:
+        """How many of a map call's ``n`` items to send together as one task.
+
+        Only items known to be short (this function's recent runs, see ``_runtimes``):
+        their cost is the trip, not the work.  Then up to ``n / engines`` each, as long
+        as a batch stays under BATCH_TIME, so long items still spread one by one.
+        Engines that recycle after ``max_tasks_per_child`` count tasks: no batches.
+        """
+        engines = len(self._engines)
+        mean = self._runtimes.get(_stat_key(fn))
+        if mean is None or n <= engines or engines == 0 or mean * 2 > BATCH_TIME:
+            return 1
+        if any(e.get("max_tasks") for e in list(self._engines.values())):
+            return 1
+        k = -(-n // engines)
+        if mean > 0:
+            k = min(k, int(BATCH_TIME / mean))
+        return max(1, k)
+
+    def _ran(self, key, seconds) -> None:
+        """Record how long one run of a function took (an item of a batch, or a task)."""
+        if isinstance(seconds, (int, float)) and key is not None:
+            runtimes = self._runtimes
+            old = runtimes.get(key)
+            runtimes[key] = seconds if old is None else old + 0.3 * (seconds - old)
+            if len(runtimes) > 256:
+                runtimes.pop(next(iter(runtimes)))
+
     def submit(self, fn: Callable, args: Any, kwargs: dict | None = None, *,
                target: int | None = None, retries: int = 0, chunk: bool = False,
-               timeout: float | None = None, grace: float = INTERRUPT_GRACE) -> ZFuture:
+               timeout: float | None = None, grace: float = INTERRUPT_GRACE,
+               batch: list | None = None) -> ZFuture:
         """Send one task: load-balanced, or to engine ``target``; returns its future.
 
         With ``timeout``, the task fails with TimeoutError that many seconds after this
         call, and is dropped where it waits or interrupted where it runs (``_expire``).
+        With ``batch`` (a list of (future, args) items, ``args`` ignored), the items go
+        as one task to one engine and come back in one reply; each item's future gets
+        its own result or exception.  The returned future is the batch's own.
         """
         self.check()
         if target is not None and target not in self._engines:
@@ -252,17 +307,26 @@ class Client:
         fn_refs: dict = {}
         try:
             key, fn_frames = self._pack_fn(fn, fn_refs)
-            arg_frames = serialize.dumps(args if chunk else (args, kwargs or {}),
-                                         functools.partial(self._ref_fn, fn_refs))
+            by_ref = functools.partial(self._ref_fn, fn_refs)
+            if batch is None:
+                arg_frames = serialize.dumps(args if chunk else (args, kwargs or {}), by_ref)
+            else:
+                arg_frames, items = self._pack_items(fut, batch, by_ref)
+                if not items:
+                    fut.set_result(None)  # every item failed to pickle
+                    return fut
         except Exception as e:  # noqa: BLE001 - an unpicklable argument fails this future only
             fut.set_exception(e)
             return fut
         fut._zclient = self
+        fut._zstat = _stat_key(fn)
         header = self.session.header("apply_request", retries=retries, reply_to=self.reply_to)
         fut.msg_id = msg_id = header["msg_id"]
         content = {"fn": key, "nfn": len(fn_frames)}
         if chunk:
             content["chunk"] = True
+        if batch is not None:
+            content["batch"] = items
         ref_frames: list = []
         if fn_refs:
             # the functions the payload refers to, first: [[key, number of frames], ...]
@@ -345,6 +409,47 @@ class Client:
         self._wake()
         return True
 
+    def _pack_items(self, fut: ZFuture, batch: list, by_ref) -> tuple[list, list]:
+        """Pickle a batch's items one by one: one that cannot be pickled fails alone."""
+        frames, items, futs = [], [], []
+        for item, args in batch:
+            try:
+                f = serialize.dumps((args, {}), by_ref)
+            except Exception as e:  # noqa: BLE001
+                item.set_exception(e)
+                continue
+            item.msg_id = self.session.new_id()
+            item._zclient = self
+            item._zbatch = fut
+            items.append([item.msg_id, len(f)])
+            futs.append(item)
+            frames += f
+        fut._items = futs
+        fut.add_done_callback(_batch_done)
+        return frames, items
+
+    def _resolve_batch(self, fut: ZFuture, outcomes: list, buffers: list) -> None:
+        """A batch's reply: each item's future gets its own outcome (see submit)."""
+        items = fut._items
+        if not isinstance(outcomes, list) or len(outcomes) != len(items):
+            raise ProtocolError("a batch reply does not match its request")
+        off = 0
+        for item, out in zip(items, outcomes):
+            n = out.get("n", 0)
+            frames = buffers[off:off + n]
+            off += n
+            self._ran(fut._zstat, out.get("elapsed"))
+            if out.get("status") == "ok":
+                try:
+                    result = serialize.loads(frames)
+                except BaseException as e:  # noqa: BLE001 - fails this item only
+                    _fail(item, e)
+                    continue
+                resolve(item, result)
+            else:
+                _fail(item, serialize.rebuild_exception(out, frames))
+        resolve(fut, None)
+
     def _shm_done(self, msg_id: str, names: list) -> None:
         self._shm_out.pop(msg_id, None)
         self.shm.unlink(names)
@@ -361,6 +466,8 @@ class Client:
             # a done-callback cancelling: we cannot wait on ourselves, and dropping the
             # future locally could let its task run unseen, so report nothing dropped
             return {}
+        if any(getattr(f, "_zbatch", None) is not None for f in futures):
+            return self._abort_batched(futures, timeout)
         verdict = Verdicts(f.msg_id for f in futures)
         groups: dict = {}
         for f in futures:
@@ -383,6 +490,29 @@ class Client:
                     wire.send_frames(self.mux_send, [uuid, *msg])
         verdict.event.wait(timeout)
         return verdict.result
+
+    def _abort_batched(self, futures: list, timeout: float) -> dict:
+        """Items of a batch are dropped together: a batch whose every pending item is
+        asked for is aborted as one task; items of a batch asked for in part run."""
+        plain, batches, verdict = [], {}, {}
+        for f in futures:
+            b = getattr(f, "_zbatch", None)
+            if b is None:
+                plain.append(f)
+            else:
+                batches.setdefault(b, []).append(f)
+        whole = []
+        for b, fs in batches.items():
+            asked = {id(f) for f in fs}
+            if not b.done() and all(i.done() or id(i) in asked for i in b._items):
+                whole.append((b, fs))
+            else:
+                verdict.update((f.msg_id, False) for f in fs)
+        result = self._abort_sync(plain + [b for b, _ in whole], timeout)
+        for b, fs in whole:
+            verdict.update((f.msg_id, bool(result.get(b.msg_id))) for f in fs)
+        result.update(verdict)
+        return result
 
     def _wake(self) -> None:
         # one byte per sleep of the IO thread, not per message: it clears the flag
@@ -680,6 +810,10 @@ class Client:
                         raise ProtocolError("a shared-memory buffer reached a client without one")
                     buffers = self.shm.open(buffers, content["shm"], unlink=True,
                                             trusted=self._shm_out.get(header.get("parent_id")))
+                if "batch" in content:
+                    self._resolve_batch(fut, content["batch"], buffers)
+                    return
+                self._ran(getattr(fut, "_zstat", None), header.get("elapsed"))
                 result = serialize.loads(buffers)
             except BaseException as e:  # noqa: BLE001 - a result that fails to unpickle here
                 _fail(fut, e)
@@ -728,6 +862,10 @@ class Client:
                 # its CRITICAL log when the future was cancelled or resolved meanwhile
                 if fut._state == PENDING:
                     fut._state = RUNNING
+            for item in getattr(fut, "_items", ()):
+                with item._condition:
+                    if item._state == PENDING:
+                        item._state = RUNNING
 
     def _on_registrar(self, frames: list) -> None:
         try:

@@ -531,27 +531,37 @@ class Engine:
                     buffers = buffers[n:]
             nfn = content["nfn"]
             fn = self._fn(content["fn"], buffers[:nfn], refs)
-            args = serialize.loads(buffers[nfn:], refs)
-            if content.get("chunk"):
-                result = serialize.run_chunk(fn, args)
-            else:
-                result = fn(*args[0], **args[1])
-            if os.getpid() != self.pid:
-                _leave_forked_child(None)
-            del args
-            try:
-                frames = serialize.dumps(result)
-                reply = {"status": "ok"}
-                if self.shm is not None and len(frames) > 1:
+            if content.get("batch"):
+                # items of one map call, each with its own outcome (see Client.submit)
+                outcomes, frames = serialize.run_batch(fn, content["batch"], buffers[nfn:], refs,
+                                                       self._check_fork)
+                reply = {"status": "ok", "batch": outcomes}
+                if self.shm is not None and len(frames) > len(outcomes):
                     refs = self.shm.export(frames, 0, reuse=inputs)
                     if refs:
                         reply["shm"] = refs
-            except BaseException as e:  # noqa: BLE001 - an unpicklable result fails its task only
-                note = f"zexec: the result of type {type(result).__name__} could not be pickled"
-                if hasattr(e, "add_note"):
-                    e.add_note(note)
-                reply, frames = serialize.exception_frames(e)
-            del result
+            else:
+                args = serialize.loads(buffers[nfn:], refs)
+                if content.get("chunk"):
+                    result = serialize.run_chunk(fn, args)
+                else:
+                    result = fn(*args[0], **args[1])
+                if os.getpid() != self.pid:
+                    _leave_forked_child(None)
+                del args
+                try:
+                    frames = serialize.dumps(result)
+                    reply = {"status": "ok"}
+                    if self.shm is not None and len(frames) > 1:
+                        refs = self.shm.export(frames, 0, reuse=inputs)
+                        if refs:
+                            reply["shm"] = refs
+                except BaseException as e:  # noqa: BLE001 - an unpicklable result fails its task only
+                    note = f"zexec: the result of type {type(result).__name__} could not be pickled"
+                    if hasattr(e, "add_note"):
+                        e.add_note(note)
+                    reply, frames = serialize.exception_frames(e)
+                del result
         except BaseException as e:  # noqa: BLE001 - the task's own exception goes back to its caller
             if os.getpid() != self.pid:
                 _leave_forked_child(e)
@@ -714,6 +724,11 @@ class Engine:
             "give_back", {"msg_id": header.get("msg_id"), "nidents": len(idents)},
             buffers=[*idents, *rest]))
 
+    def _check_fork(self, exc: BaseException | None) -> None:
+        """After each item of a batch: a process the item forked leaves here."""
+        if os.getpid() != self.pid:
+            _leave_forked_child(exc)
+
     def _resend(self, idents, parent, header, ids) -> None:
         """Send again replies the MUX device lost (see Client._recover_lost)."""
         missing = []
@@ -739,7 +754,7 @@ class Engine:
         if isinstance(reply_to, str):
             idents = [reply_to.encode()]  # the client's receiving socket
         extra = {"parent_id": header.get("msg_id"), "status": content["status"], "engine": self.id}
-        if "shm" in content:
+        if "shm" in content or "batch" in content:
             extra["shm"] = True  # the client must read this reply's content
         if started is not None:
             extra.update(started=started, completed=completed, elapsed=completed - started)

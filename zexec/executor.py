@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from .client import INTERRUPT_GRACE, Client
 from .errors import ClusterStartError, DependencyError
-from .futures import DeferredFuture, cancel_all, fail
+from .futures import DeferredFuture, ZFuture, cancel_all, fail
 
 #: set by zexec.cluster at import: builds the LocalCluster a ZmqExecutor owns
 _cluster_factory: Callable[..., Any] | None = None
@@ -96,11 +96,11 @@ class _ExecutorBase(Executor):
 
     def _send(self, fn: Callable, args: Any, kwargs: dict | None = None, chunk: bool = False,
               timeout: float | None = None, retries: int | None = None,
-              grace: float | None = None) -> Future:
+              grace: float | None = None, batch: list | None = None) -> Future:
         return self._client.submit(fn, args, kwargs, target=self._target,
                                    retries=self._retries if retries is None else retries, chunk=chunk,
                                    timeout=self._timeout if timeout is None else timeout,
-                                   grace=self._grace if grace is None else grace)
+                                   grace=self._grace if grace is None else grace, batch=batch)
 
     def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> Future:
         with self._shutdown_lock:
@@ -205,7 +205,7 @@ class _ExecutorBase(Executor):
             raise ValueError("chunksize must be >= 1.")
         end_time = None if timeout is None else timeout + time.monotonic()
         if chunksize == 1:
-            fs = [self.submit(fn, *args) for args in zip(*iterables)]
+            fs = self._submit_items(fn, zip(*iterables))
         else:
             fs = []
             it = zip(*iterables)
@@ -260,6 +260,10 @@ class _ExecutorBase(Executor):
                     fut.set_exception(e)
                 futures.append(self._track(fut))
             return futures
+
+    def _submit_items(self, fn: Callable, items: Iterable) -> list:
+        """One future per item of a map with chunksize 1."""
+        return [self.submit(fn, *args) for args in items]
 
     def _refuse_wait_in_callback(self) -> None:
         """Done-callbacks run in the client's IO thread, the one thread that resolves
@@ -361,9 +365,9 @@ class ZmqExecutor(_ExecutorBase):
 
     def _send(self, fn: Callable, args: Any, kwargs: dict | None = None, chunk: bool = False,
               timeout: float | None = None, retries: int | None = None,
-              grace: float | None = None) -> Future:
+              grace: float | None = None, batch: list | None = None) -> Future:
         if self._scheme != "pure":
-            return super()._send(fn, args, kwargs, chunk, timeout, retries, grace)
+            return super()._send(fn, args, kwargs, chunk, timeout, retries, grace, batch)
         client, load = self._client, self._load
         while True:
             with self._load_lock:
@@ -387,6 +391,30 @@ class ZmqExecutor(_ExecutorBase):
                 raise
             fut.add_done_callback(lambda _f, t=target: self._unload(t))
             return fut
+
+    def _submit_items(self, fn: Callable, items: Iterable) -> list:
+        """One future per item; short items of one call travel in batches.
+
+        A map over many short items (an optimiser's generation, a sampler's walkers)
+        costs its trips more than its work: items of such a function (as measured on
+        its earlier runs, see Client.batch_size) go to an engine together and come
+        back together, each with its own future, result or exception.
+        """
+        if self._scheme == "pure" or self._timeout is not None:
+            return super()._submit_items(fn, items)  # a time limit is per task
+        items = list(items)
+        k = self._client.batch_size(fn, len(items))
+        if k <= 1 or any(_has_future(args, {}) for args in items):
+            return super()._submit_items(fn, items)
+        fs: list = []
+        for i in range(0, len(items), k):
+            part = [(ZFuture(), args) for args in items[i:i + k]]
+            with self._shutdown_lock:
+                if self._shutdown:
+                    raise RuntimeError("cannot schedule new futures after shutdown")
+                self._track(self._send(fn, None, batch=part))
+            fs += [self._track(f) for f, _ in part]
+        return fs
 
     def _unload(self, target: int) -> None:
         with self._load_lock:

@@ -16,6 +16,7 @@ import io
 import os
 import pickle
 import sys
+import time
 import traceback as tb_mod
 import types
 from typing import Any, Callable, Sequence
@@ -182,6 +183,47 @@ def loads(frames: Sequence[Any], refs: dict | None = None) -> Any:
 def run_chunk(fn: Callable, chunk: Sequence[tuple]) -> list:
     """Apply ``fn`` to each argument tuple of a chunk (one task of a chunked ``map``)."""
     return [fn(*args) for args in chunk]
+
+
+def run_batch(fn: Callable, items: Sequence, frames: Sequence[Any],
+              refs: dict | None = None, after: Callable | None = None) -> tuple[list, list]:
+    """Run the items of a batch (one map call's items sent together), each on its own.
+
+    ``items`` is ``[[msg_id, number of frames], ...]`` over ``frames`` (each item's
+    pickled ``(args, kwargs)``).  Returns one outcome per item, ``{"status": "ok", "n":
+    frames}`` or an exception's fields, and their frames in order: an item that raises,
+    or whose result cannot be pickled, fails alone, as with one task per item.
+    ``after(exception or None)`` is called after each item's call (the engine's guard
+    against a process the item forked going on as the engine).
+    """
+    outcomes: list = []
+    out: list = []
+    off = 0
+    for _, n in items:
+        result = None
+        started = time.perf_counter()
+        try:
+            args = loads(frames[off:off + n], refs)
+            result = fn(*args[0], **args[1])
+            if after is not None:
+                after(None)
+            try:
+                fields, item_frames = {"status": "ok"}, dumps(result)
+            except BaseException as e:  # noqa: BLE001 - an unpicklable result fails its item only
+                if hasattr(e, "add_note"):
+                    e.add_note(f"zexec: the result of type {type(result).__name__} could not be pickled")
+                fields, item_frames = exception_frames(e)
+        except BaseException as e:  # noqa: BLE001 - the item's own exception, for its own future
+            if after is not None:
+                after(e)
+            fields, item_frames = exception_frames(drop_internal_frames(e))
+        del result
+        off += n
+        fields["n"] = len(item_frames)
+        fields["elapsed"] = time.perf_counter() - started
+        outcomes.append(fields)
+        out += item_frames
+    return outcomes, out
 
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
