@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import os
+import tempfile
 import weakref
 
 import numpy as np
@@ -125,3 +126,31 @@ def test_a_process_forked_by_a_task_never_runs_engine_code(cluster, how):
     assert isinstance(child, int) and child > 0
     wait_until(lambda: _gone(child), 10, what="the forked child to exit")
     assert ex.submit(tasks.mul, 2, 21).result(30) == 42
+
+
+def _long_dir(base, length: int = 107) -> str:
+    path = str(base)
+    while len(path) < length:
+        path = os.path.join(path, "d" * min(40, max(1, length - len(path) - 1)))
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def test_a_long_tmpdir_still_starts_a_cluster(no_leaks, tmp_path, monkeypatch):
+    """Finding 8: a 107-character TMPDIR gave a bare ``ZMQError: File name too long``."""
+    long = _long_dir(tmp_path)
+    monkeypatch.setenv("TMPDIR", long)
+    monkeypatch.setattr(tempfile, "tempdir", None)  # tempfile reads TMPDIR again
+    c = LocalCluster(1)
+    with c as ex:
+        assert c.dir.startswith(long)  # the connection file and logs go where asked
+        assert ex.submit(pow, 2, 3).result(60) == 8
+    assert not any(os.path.exists(d) for d in (c.dir, c.ipc_dir) if d)
+
+
+def test_too_long_ipc_paths_are_a_clear_error(tmp_path):
+    from zexec.connection import ConnectionInfo, allocate
+
+    long = _long_dir(tmp_path)
+    with pytest.raises(ValueError, match="too long for a unix socket.*TMPDIR"):
+        allocate(ConnectionInfo(key="k", transport="ipc"), ipc_dir=long)

@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 from . import executor as _executor
 from ._proc import tail
-from .connection import AUTHKEY_ENV, ConnectionInfo, allocate, new_curve_keys, new_key
+from .connection import AUTHKEY_ENV, ConnectionInfo, allocate, ipc_fits, new_curve_keys, new_key
 from .errors import ClusterStartError, InitializerError, RemoteTraceback
 from .executor import ZmqExecutor
 from .protocol import Signer
@@ -72,6 +72,7 @@ class LocalCluster:
         self.no_engine_timeout = no_engine_timeout
         self.dir: str | None = None
         self.shm_dir: str | None = None
+        self.ipc_dir: str | None = None  # the sockets' own directory, when self.dir is too deep
         self.connection_file: str | None = None
         self.procs: dict[str, subprocess.Popen] = {}
         self.logs: dict[str, str] = {}
@@ -91,7 +92,12 @@ class LocalCluster:
                 # big buffers go through memory, not four socket copies (see zexec.shm)
                 self.shm_dir = tempfile.mkdtemp(prefix="zexec-", dir="/dev/shm")
                 info = info.with_(shm_dir=self.shm_dir)
-            info = allocate(info, ipc_dir=self.dir)
+            ipc_dir = self.dir
+            if self.transport == "ipc" and not ipc_fits(self.dir):
+                # a unix socket's path is short (~107 bytes): under a long TMPDIR the
+                # sockets get a private directory of their own in /tmp
+                self.ipc_dir = ipc_dir = tempfile.mkdtemp(prefix="zexec-", dir="/tmp")
+            info = allocate(info, ipc_dir=ipc_dir)
             self.connection_file = info.write(os.path.join(self.dir, "cluster.json"))
             env = dict(os.environ)
             # engines import what this process can: the same sys.path, as a spawned worker would
@@ -103,8 +109,9 @@ class LocalCluster:
             py = [sys.executable, *(("-P",) if sys.version_info >= (3, 11) else ()), "-m", "zexec"]
             common = ["--connection-file", self.connection_file, "--parent-pid", str(os.getpid())]
             ctl = [*py, "controller", "--reuse", *common, "--cleanup", self.dir]
-            if self.shm_dir:
-                ctl += ["--cleanup", self.shm_dir]
+            for extra in (self.shm_dir, self.ipc_dir):
+                if extra:
+                    ctl += ["--cleanup", extra]
             if self.hwm:
                 ctl += ["--hwm", str(self.hwm)]
             ctl += ["--no-engine-timeout", str(self.no_engine_timeout)]
@@ -210,7 +217,7 @@ class LocalCluster:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait(5)
-        for d in (self.dir, self.shm_dir):
+        for d in (self.dir, self.shm_dir, self.ipc_dir):
             if d and os.path.isdir(d):
                 shutil.rmtree(d, ignore_errors=True)
 

@@ -10,6 +10,7 @@ import json
 import os
 import secrets
 import socket
+import sys
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -188,12 +189,30 @@ def free_ports(n: int, ip: str = "127.0.0.1", port_range: tuple[int, int] | None
     return ports
 
 
+#: the longest path of a unix socket (sun_path: 108 bytes on Linux, 104 on BSD and
+#: macOS, with its terminating NUL)
+IPC_PATH_MAX = 103 if sys.platform == "darwin" or "bsd" in sys.platform else 107
+
+
+def ipc_fits(directory: str) -> bool:
+    """Whether every channel's socket path under ``directory`` fits a unix socket."""
+    longest = max(CHANNELS, key=len)
+    return len(os.fsencode(os.path.join(os.path.abspath(directory), longest))) <= IPC_PATH_MAX
+
+
 def allocate(info: ConnectionInfo, ipc_dir: str | None = None,
              port_range: tuple[int, int] | None = None) -> ConnectionInfo:
     """Fill in an address for every controller channel."""
     if info.transport == "ipc":
         if ipc_dir is None:
             raise ValueError("ipc transport needs a directory for its sockets")
+        if not ipc_fits(ipc_dir):
+            # zmq would say only "File name too long", in whichever process binds first
+            longest = os.path.join(os.path.abspath(ipc_dir), max(CHANNELS, key=len))
+            raise ValueError(
+                f"ipc socket paths in {ipc_dir!r} are too long for a unix socket "
+                f"({len(os.fsencode(longest))} bytes, at most {IPC_PATH_MAX}): use a shorter "
+                f"directory (e.g. TMPDIR=/tmp) or transport='tcp'")
         addrs = {c: os.path.join(ipc_dir, c) for c in CHANNELS}
     else:
         addrs = dict(zip(CHANNELS, free_ports(len(CHANNELS), info.ip, port_range)))
