@@ -188,3 +188,16 @@ def positive(x):
     if x < 0:
         raise ValueError(f"negative: {x}")
     return x
+
+
+def die_writing_shm(shm_dir):
+    """Be killed (SIGKILL) while writing a shared-memory file, as the OOM killer would."""
+    import signal
+    import uuid
+
+    from zexec.shm import ShmStore
+
+    data = memoryview(b"x" * (2 << 20))
+    os.rename = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)  # before the file is complete
+    ShmStore(shm_dir)._write(uuid.uuid4().hex, data, data.nbytes)
+    os.kill(os.getpid(), signal.SIGKILL)

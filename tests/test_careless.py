@@ -154,3 +154,60 @@ def test_too_long_ipc_paths_are_a_clear_error(tmp_path):
     long = _long_dir(tmp_path)
     with pytest.raises(ValueError, match="too long for a unix socket.*TMPDIR"):
         allocate(ConnectionInfo(key="k", transport="ipc"), ipc_dir=long)
+
+
+def test_an_engine_killed_writing_shared_memory_leaves_no_file(cluster):
+    """Finding 7: its partial file stayed in /dev/shm/zexec-* until the cluster stopped."""
+    ex = cluster.ex
+    shm_dir = ex.client.info.shm_dir
+    with pytest.raises(EngineDiedError):
+        ex.submit(tasks.die_writing_shm, shm_dir).result(30)
+    wait_until(lambda: os.listdir(shm_dir) == [], 10, what="the partial file removed")
+
+
+def _dead_info(i: int) -> dict:
+    return {"id": i, "uuid": f"{i:032x}", "hostname": "h", "pid": 10_000 + i,
+            "log": "/tmp/zexec-x/engine-%d.log" % i, "launcher": "l" * 32,
+            "reason": "recycled (max_tasks_per_child)", "exitcode": 1}
+
+
+def test_dead_engines_kept_in_the_client_are_bounded(cluster):
+    """Finding 7: max_tasks_per_child=1 left one dead entry per task, for good."""
+    from zexec import client as client_mod
+
+    kept = getattr(client_mod, "DEAD_KEPT", 256)
+    c = client_mod.Client(cluster.connection_file)
+    try:
+        base = 100_000
+        for i in range(3 * kept):
+            c._engine_gone(_dead_info(base + i))
+        assert len(c._dead) == kept
+        last = base + 3 * kept - 1
+        assert c.engine_info(last)["reason"].startswith("recycled")
+        with pytest.raises(EngineDiedError, match=f"engine {last} died"):
+            c.submit(pow, (2, 2), target=last)
+        with pytest.raises(EngineDiedError, match=f"engine {base} died"):
+            c.submit(pow, (2, 2), target=base)  # forgotten, still known dead
+    finally:
+        c.close()
+
+
+def test_dead_engines_kept_in_the_controller_are_bounded():
+    from zexec.connection import ConnectionInfo
+    from zexec.controller import hub as hub_mod
+    from zexec.controller import taskscheduler as ts_mod
+
+    info = ConnectionInfo(key="k")
+    hub = hub_mod.Hub(info)
+    hub._publish = lambda kind, content: None  # no sockets: the bookkeeping only
+    hub._tell_dead = lambda uuid: None
+    sched = ts_mod.TaskScheduler(info)
+    for i in range(3000):
+        eng = dict(_dead_info(i), state="live")
+        hub.engines[eng["uuid"]] = eng
+        hub.done_by_engine[i] += 1
+        hub._declare_dead(eng, "process exited", 0)
+        sched._add_engine(eng)
+        sched._engine_died(eng)
+    assert len(hub.dead) <= getattr(hub_mod, "DEAD_KEPT", 256) and not hub.done_by_engine
+    assert len(sched.dead) <= getattr(ts_mod, "DEAD_KEPT", 1000) and not sched.engines

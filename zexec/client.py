@@ -61,6 +61,9 @@ HUB_TIMEOUT = 4.0
 #: then a direct query to the registrar must be answered within this long
 PROBE_TIMEOUT = 4.0
 FN_CACHE_SIZE = 128
+#: dead engines whose details are kept for error messages (ids are never reused, so
+#: ``max_tasks_per_child=1`` makes one per task: all of them would grow without end)
+DEAD_KEPT = 256
 #: seconds an interrupted task has to stop before its engine gives up on it and exits
 INTERRUPT_GRACE = 5.0
 #: the longest a batch of a map call's short items may run on one engine
@@ -123,7 +126,8 @@ class Client:
         self._compact_at = 1024
         self._want_interrupt: dict[str, tuple] = {}
         self._engines: dict[int, dict] = {}
-        self._dead: dict[int, dict] = {}
+        self._dead: collections.OrderedDict[int, dict] = collections.OrderedDict()
+        self._last_id = -1  # the highest engine id seen: a lower one not live has died
         self._cond = threading.Condition()
         self._broken: BaseException | None = None
         self._closing = False
@@ -458,6 +462,8 @@ class Client:
         dead = self._dead.get(target)
         if dead is not None:
             raise EngineDiedError.from_info(dead)
+        if isinstance(target, int) and 0 <= target < self._last_id:
+            raise EngineDiedError(target, "no longer in the cluster (died earlier)")
         raise ValueError(f"no engine {target} in this cluster (engines: {self.engines})")
 
     def _abort_sync(self, futures: list, timeout: float = 10.0) -> dict:
@@ -947,6 +953,7 @@ class Client:
         if eid in self._engines or eid in self._dead:
             return
         with self._cond:
+            self._last_id = max(self._last_id, eid)
             self._engines[eid] = info
             self._cond.notify_all()
 
@@ -955,6 +962,11 @@ class Client:
         with self._cond:
             self._engines.pop(eid, None)
             self._dead[eid] = info
+            # the oldest go first; a snapshot old enough to list one of them as live
+            # cannot still arrive (hub_beats come in order with the deaths)
+            while len(self._dead) > DEAD_KEPT:
+                self._dead.popitem(last=False)
+            self._last_id = max(self._last_id, eid)
             self._cond.notify_all()
         if info.get("exitcode") == 0 and not info.get("fatal"):
             # a clean exit (recycled): its last replies may still be on the way

@@ -52,6 +52,7 @@ class EngineSet:
         self.start_failures = 0
         #: pid -> the read end of a pipe on which the engine writes once it is ready
         self.ready_pipes: dict[int, int] = {}
+        self.shm = info.shm_store()  # where a killed engine may leave a partial file
         self.hub_stopped = False
         self.initializer = None
         self.initargs: tuple = ()
@@ -196,6 +197,8 @@ class EngineSet:
                 continue
             started = self._was_ready(pid)
             rc = os.waitstatus_to_exitcode(status)
+            if rc != 0 and self.shm is not None and self.shm.remove_partial(pid):
+                log.info("removed the shared-memory file engine pid %d was writing", pid)
             log.info("engine pid %d exited with %s", pid, rc)
             hub.send_multipart(self.session.pack(
                 "engine_exit", {"launcher": self.id, "pid": pid, "exitcode": rc}))

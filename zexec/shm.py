@@ -26,6 +26,10 @@ log = logging.getLogger("zexec.shm")
 _NAME = re.compile(r"^[0-9a-f]{32}$")
 
 
+def _partial(pid: int, name: str) -> str:
+    return f"part-{pid}-{name}"
+
+
 def _nbytes(f: Any) -> int:
     return len(f) if isinstance(f, bytes) else memoryview(f).nbytes
 
@@ -73,16 +77,37 @@ class ShmStore:
         return refs
 
     def _write(self, name: str, view: memoryview, n: int) -> None:
-        path = os.path.join(self.directory, name)
+        # written under a name that says whose it is, then renamed: a writer killed
+        # midway (the OOM killer, SIGKILL) leaves a partial file that its parent, which
+        # reaps it, can find and remove (see remove_partial)
+        part = _partial(os.getpid(), name)
+        path = os.path.join(self.directory, part)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             with os.fdopen(fd, "wb", buffering=0) as out:
                 written = 0
                 while written < n:
                     written += out.write(view[written:])
+            os.rename(path, os.path.join(self.directory, name))
         except BaseException:
-            self.unlink([name])
+            self.unlink([part])
             raise
+
+    def remove_partial(self, pid: int) -> int:
+        """Remove the files process ``pid`` was writing when it died; returns how many."""
+        prefix = _partial(pid, "")
+        removed = 0
+        try:
+            names = [n for n in os.listdir(self.directory) if n.startswith(prefix)]
+        except OSError:
+            return 0
+        for name in names:
+            try:
+                os.unlink(os.path.join(self.directory, name))
+                removed += 1
+            except OSError:
+                pass
+        return removed
 
     def open(self, frames: list, refs: Sequence, unlink: bool = False,
              trusted: dict | None = None) -> list:

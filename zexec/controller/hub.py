@@ -55,6 +55,9 @@ NUDGE = [b"zexec-nobody", DELIM, b"", b"{}", b"{}", b"{}"]
 #: neither a flood of distinct words nor one that cannot be encoded lands in the table
 STATUSES = frozenset({"ok", "error", "aborted", "engine_died", "no_engines"})
 REGISTRATION_TIMEOUT = 30.0
+#: dead engines' records kept (for late exit reports, status and a late heart); ids
+#: are never reused, so max_tasks_per_child=1 makes one per task
+DEAD_KEPT = 256
 #: after a heart disconnects, how long to wait for its launcher's exit report
 EXIT_REPORT_GRACE = 0.3
 #: how long a queue_request waits for the task scheduler's records (see _do_queue_request)
@@ -335,8 +338,9 @@ class Hub:
         if exitcode is not None:
             eng["exitcode"] = exitcode
         self.dead[uuid] = eng
-        while len(self.dead) > 1000:
+        while len(self.dead) > DEAD_KEPT:
             self.dead.popitem(last=False)
+        self.done_by_engine.pop(eng["id"], None)  # reported for live engines only
         log.warning("engine %d dead: %s%s", eng["id"], reason,
                     f" (exit code {exitcode})" if exitcode is not None else "")
         self._publish("unregistration", _public(eng))

@@ -39,6 +39,8 @@ log = logging.getLogger("zexec.taskscheduler")
 
 #: how long an engine that exited cleanly has to deliver its last replies
 DRAIN_TIMEOUT = 5.0
+#: dead engines remembered (hub_beats are in order with deaths: recent ones suffice)
+DEAD_KEPT = 1000
 #: how often task records go to the hub
 RECORD_INTERVAL = 0.1
 #: an engine reports a task started once it has run this long (engine.WATCH_AFTER)
@@ -97,7 +99,8 @@ class TaskScheduler:
         self.no_engines_since: float | None = None
         self.no_engine_timeout = no_engine_timeout
         self.order: list[bytes] = []
-        self.dead: set[bytes] = set()
+        #: recent dead engines' uuids, not to be taken back from an older hub_beat
+        self.dead: collections.OrderedDict[bytes, None] = collections.OrderedDict()
         self.queue: collections.deque[_Task] = collections.deque()
         self.tasks: dict[str, _Task] = {}
         self.rr = 0
@@ -487,7 +490,9 @@ class TaskScheduler:
 
     def _engine_died(self, info: dict) -> None:
         euuid = info["uuid"].encode()
-        self.dead.add(euuid)
+        self.dead[euuid] = None
+        if len(self.dead) > DEAD_KEPT:
+            self.dead.popitem(last=False)  # bounded: max_tasks_per_child=1 makes one per task
         eng = self.engines.pop(euuid, None)
         self._remove_from_routing(euuid)
         if eng is None:
