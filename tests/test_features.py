@@ -258,3 +258,13 @@ def test_time_limits_on_the_mux_paths(cluster, tmp_path, scheme):
             fut.result(30)
         wait_until(lambda: os.path.exists(interrupted), 10, what="the task to see KeyboardInterrupt")
         assert after.result(30) == 15
+
+
+def test_a_task_that_catches_its_interrupt_keeps_its_result(ex, tmp_path):
+    started = str(tmp_path / "started")
+    view = ex.engine(ex.engines[0])
+    fut = view.submit(ft.stubborn, started, 1.0)  # ignores KeyboardInterrupt for 1 s
+    pid = _pid_of(started)
+    assert ex.interrupt(fut, grace=30)
+    assert fut.result(30) == "done"
+    assert view.submit(os.getpid).result(30) == pid  # within its grace: the engine stays
