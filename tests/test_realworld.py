@@ -5,6 +5,8 @@ from __future__ import annotations
 import functools
 import os
 import signal
+import sys
+import types
 
 import pytest
 
@@ -75,7 +77,8 @@ def test_the_function_inside_a_callable_is_cached_on_the_engine(cluster):
 
 def test_short_items_of_a_map_travel_together_each_with_its_own_outcome(cluster):
     ex = cluster.ex
-    assert list(ex.map(tasks.positive, range(12))) == list(range(12))  # now known short
+    assert list(ex.map(tasks.positive, range(12))) == list(range(12))
+    ex.client._ran(tasks.positive, 1e-5)  # known short (a loaded machine may time it longer)
     fs = ex._submit_items(tasks.positive, [(x,) for x in [0, -1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]])
     batches = {id(f._zbatch) for f in fs}
     assert len(batches) == len(ex.engines)  # one batch per engine, not one task per item
@@ -92,7 +95,7 @@ def test_short_items_of_a_map_travel_together_each_with_its_own_outcome(cluster)
 def test_a_batch_is_cancelled_whole_or_not_at_all(cluster, tmp_path):
     ex = cluster.ex
     ran = str(tmp_path / "ran")
-    list(ex.map(tasks.touch, [str(tmp_path / "warm")] * 12))  # known short: now in batches
+    ex.client._ran(tasks.touch, 1e-5)  # known short: its maps go in batches
     release = str(tmp_path / "release")
     blockers = [ex.submit(tasks.wait_for_file, release) for _ in range(len(ex.engines) * 20)]
     try:
@@ -107,3 +110,35 @@ def test_a_batch_is_cancelled_whole_or_not_at_all(cluster, tmp_path):
     for b in blockers:
         b.result(30)
     assert all(f.result(30) is None for f in part)
+
+
+def test_main_imports_names_what_the_script_imported(monkeypatch):
+    import json
+
+    import psutil
+
+    from zexec.cluster import main_imports
+
+    script = types.ModuleType("__main__")
+    script.psutil, script.json, script.zexec_fn = psutil, json, serialize.dumps
+    script.Process = psutil.Process  # a class imported from a module
+    monkeypatch.setitem(sys.modules, "__main__", script)
+    # stdlib and zexec are left out: the engine set has them already or needs none
+    assert main_imports() == sorted({"psutil", psutil.Process.__module__})
+
+
+@pytest.mark.timeout(90)
+def test_engines_start_with_the_preloaded_modules(no_leaks):
+    # colorsys: a module nothing in zexec or the tests imports
+    cluster = LocalCluster(1, preload=["colorsys", "no_such_module_zexec_test"])
+    with cluster as ex:
+        pid = ex.submit(tasks.getpid).result(30)
+        assert ex.submit(tasks.is_loaded, "colorsys").result(30)  # before any task imported it
+        first = ex.engines
+        os.kill(pid, signal.SIGKILL)  # the replacement starts warm too
+        wait_until(lambda: ex.engines and ex.engines != first, 30, what="a replacement engine")
+        assert ex.submit(tasks.is_loaded, "colorsys").result(30)
+        with open(cluster.logs["engines"]) as f:
+            log = f.read()
+    # a module that fails to import is skipped with a log line, never fatal
+    assert "no_such_module_zexec_test failed to import" in log

@@ -87,7 +87,8 @@ def _engine(args) -> int:
 
     info = _read_info(args.connection_file)
     return main(info, args.n, parent_pid=args.parent_pid, replace=args.replace,
-                log_dir=args.log_dir, max_tasks=args.max_tasks, init_file=args.init_file)
+                log_dir=args.log_dir, max_tasks=args.max_tasks, init_file=args.init_file,
+                preload=[m for arg in args.preload for m in arg.split(",") if m])
 
 
 def _client(args):
@@ -207,6 +208,9 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--replace", action="store_true", help="replace engines that die, keeping n alive")
     e.add_argument("--max-tasks", type=int, default=None, help="recycle an engine after this many tasks")
     e.add_argument("--log-dir", default=None, help="one log file per engine in this directory")
+    e.add_argument("--preload", action="append", default=[], metavar="MODULES",
+                   help="modules (comma-separated; repeatable) to import before the engines are "
+                        "forked, so each starts with them loaded; one that fails is skipped")
     e.add_argument("--init-file", default=None, help=argparse.SUPPRESS)
     e.add_argument("--parent-pid", type=int, default=0, help=argparse.SUPPRESS)
     e.set_defaults(func=_engine)

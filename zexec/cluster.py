@@ -19,7 +19,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Callable
+import types
+from typing import Any, Callable, Sequence
 
 from . import executor as _executor
 from ._proc import tail
@@ -32,6 +33,29 @@ from .protocol import Signer
 _LOG_RECORD = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ ")
 
 
+def main_imports() -> list[str]:
+    """The modules the user's script (``__main__``) uses at its top level: those it
+    imported, and those of the functions and classes it imported from them; not the
+    standard library's nor zexec's.  The engine set preloads them (see
+    zexec.engineset.preload), as multiprocessing's forkserver preloads ``__main__``."""
+    main = sys.modules.get("__main__")
+    names = set()
+    for value in list(vars(main).values()) if main is not None else ():
+        if isinstance(value, types.ModuleType):
+            name = value.__name__
+        elif isinstance(value, (type, types.FunctionType, types.BuiltinFunctionType)):
+            name = getattr(value, "__module__", None)
+        else:
+            continue
+        if not isinstance(name, str) or name not in sys.modules:
+            continue
+        top = name.partition(".")[0]
+        if top in ("__main__", "zexec", "builtins") or top in sys.stdlib_module_names:
+            continue
+        names.add(name)
+    return sorted(names)
+
+
 class LocalCluster:
     """Hub, schedulers, heartbeat and ``n`` engines as subprocesses of this one.
 
@@ -39,7 +63,10 @@ class LocalCluster:
     ``n`` engines alive (new ids) when some die; ``retries`` resubmits load-balanced
     tasks of a dead engine; ``scheme`` picks how the executor balances (see
     :class:`ZmqExecutor`); ``heartbeat_period × heartbeat_misses`` bounds how long a
-    hung engine may stay silent before it is declared dead.
+    hung engine may stay silent before it is declared dead.  ``preload``: the modules
+    the engine set imports before it forks the engines, so each engine starts with
+    them loaded (True, the default: what this script's ``__main__`` imported, see
+    :func:`main_imports`; or a list of module names; or False).
     """
 
     def __init__(self, n: int | None = None, *, transport: str | None = None,
@@ -48,7 +75,8 @@ class LocalCluster:
                  initargs: tuple = (), max_tasks_per_child: int | None = None,
                  startup_timeout: float = 60.0, hwm: int | None = None,
                  forward_output: bool = True, curve: bool = False,
-                 no_engine_timeout: float = 30.0, scheme: str = "leastload") -> None:
+                 no_engine_timeout: float = 30.0, scheme: str = "leastload",
+                 preload: Sequence[str] | bool = True) -> None:
         if n is None:
             n = os.cpu_count() or 1
         elif n <= 0:
@@ -70,6 +98,7 @@ class LocalCluster:
         self.forward_output = forward_output
         self.curve = curve
         self.no_engine_timeout = no_engine_timeout
+        self.preload = preload
         self.dir: str | None = None
         self.shm_dir: str | None = None
         self.ipc_dir: str | None = None  # the sockets' own directory, when self.dir is too deep
@@ -120,6 +149,9 @@ class LocalCluster:
                 eng.append("--replace")
             if self.max_tasks_per_child:
                 eng += ["--max-tasks", str(self.max_tasks_per_child)]
+            modules = main_imports() if self.preload is True else list(self.preload or ())
+            if modules:
+                eng += ["--preload", ",".join(modules)]
             if self.initializer is not None:
                 eng += ["--init-file", self._write_init(info)]
             self._spawn("controller", ctl, env)
