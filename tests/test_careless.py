@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import gc
 import os
+import signal
 import tempfile
+import time
 import weakref
+from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 import psutil
@@ -14,7 +17,7 @@ import pytest
 
 import tasks
 from conftest import wait_until
-from zexec import EngineDiedError, LocalCluster, serialize, wire
+from zexec import EngineDiedError, EngineSetDiedError, LocalCluster, ZmqExecutor, serialize, wire
 from zexec.errors import ProtocolError
 from zexec.futures import ZFuture
 
@@ -211,3 +214,34 @@ def test_dead_engines_kept_in_the_controller_are_bounded():
         sched._engine_died(eng)
     assert len(hub.dead) <= getattr(hub_mod, "DEAD_KEPT", 256) and not hub.done_by_engine
     assert len(sched.dead) <= getattr(ts_mod, "DEAD_KEPT", 1000) and not sched.engines
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("made", ["with", "owned"])
+def test_engine_set_killed_is_a_prompt_clear_error(no_leaks, tmp_path, made):
+    """Finding 6: SIGKILL of the engine set left no engines, and every task failed with
+    NoEnginesError 30 s later, without a word about why."""
+    if made == "with":
+        cluster = LocalCluster(2)
+        ex = cluster.__enter__()
+    else:
+        ex = ZmqExecutor(max_workers=2)
+        cluster = ex.cluster
+    try:
+        running = [ex.engine(e).submit(tasks.touch_then_wait, str(tmp_path / f"started{e}"),
+                                       str(tmp_path / "never")) for e in ex.engines]
+        wait_until(lambda: len(list(tmp_path.glob("started*"))) == 2, 30, what="both engines busy")
+        queued = [ex.submit(tasks.mul, i, 2) for i in range(6)]
+        t0 = time.monotonic()
+        os.kill(cluster.procs["engines"].pid, signal.SIGKILL)
+        for f in [*running, *queued]:
+            with pytest.raises(BrokenProcessPool):  # EngineSetDiedError, or EngineDiedError
+                f.result(20)                         # for the running task, if first
+        assert time.monotonic() - t0 < 10
+        with pytest.raises(EngineSetDiedError, match="engine set .* killed by signal SIGKILL"):
+            ex.submit(tasks.mul, 1, 1)
+    finally:
+        if made == "with":
+            cluster.__exit__(None, None, None)
+        else:
+            ex.shutdown()

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import importlib
 
-__all__ = ["LocalCluster", "ZmqExecutor", "DirectView", "EngineDiedError", "RemoteError",
+__all__ = ["LocalCluster", "ZmqExecutor", "DirectView", "EngineDiedError", "EngineSetDiedError",
+           "RemoteError",
            "ClusterLostError", "ClusterStartError", "NoEnginesError", "ProtocolError", "ZexecError",
            "TaskInterrupted", "DependencyError", "progress"]
 __version__ = "0.1.0"

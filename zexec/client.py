@@ -61,6 +61,8 @@ HUB_TIMEOUT = 4.0
 #: then a direct query to the registrar must be answered within this long
 PROBE_TIMEOUT = 4.0
 FN_CACHE_SIZE = 128
+#: how often the IO thread asks ``Client.watch``
+WATCH_INTERVAL = 0.2
 #: dead engines whose details are kept for error messages (ids are never reused, so
 #: ``max_tasks_per_child=1`` makes one per task: all of them would grow without end)
 DEAD_KEPT = 256
@@ -152,6 +154,10 @@ class Client:
             self._engines[info_["id"]] = info_
         self._last_beat = time.monotonic()
         self._probe: tuple | None = None
+        #: set by whoever started the cluster's processes and can see them die (a
+        #: LocalCluster): returns the reason the cluster cannot serve, or None
+        self.watch: Callable[[], BaseException | None] | None = None
+        self._next_look = 0.0
         self._thread = threading.Thread(target=self._io_loop, name="zexec-client-io", daemon=True)
         self._thread.start()
         _clients.add(self)
@@ -619,6 +625,8 @@ class Client:
                     self._expire_due()
                 if self._broken is None and time.monotonic() - self._last_beat > HUB_TIMEOUT:
                     self._probe_hub()
+                if self.watch is not None and self._broken is None:
+                    self._look(self.watch)
                 if self._draining:
                     now = time.monotonic()
                     for eid, (deadline, info) in list(self._draining.items()):
@@ -717,6 +725,17 @@ class Client:
             exc = TaskInterrupted(f"task {parent_id} was interrupted")
         exc.__cause__ = cause
         return exc
+
+    def _look(self, watch: Callable[[], BaseException | None]) -> None:
+        """Ask ``watch`` (at most every WATCH_INTERVAL) whether the cluster can still
+        serve; a reason it cannot breaks the client at once, not HUB_TIMEOUT later."""
+        now = time.monotonic()
+        if now < self._next_look:
+            return
+        self._next_look = now + WATCH_INTERVAL
+        exc = watch()
+        if exc is not None:
+            self._break(exc)
 
     def _probe_hub(self) -> None:
         """No hub_beat for HUB_TIMEOUT: ask the registrar directly before giving up.

@@ -20,12 +20,14 @@ import sys
 import tempfile
 import time
 import types
+import weakref
 from typing import Any, Callable, Sequence
 
 from . import executor as _executor
 from ._proc import tail
 from .connection import AUTHKEY_ENV, ConnectionInfo, allocate, ipc_fits, new_curve_keys, new_key
-from .errors import ClusterStartError, InitializerError, RemoteTraceback
+from .errors import (ClusterLostError, ClusterStartError, EngineSetDiedError, InitializerError,
+                     RemoteTraceback)
 from .executor import ZmqExecutor
 from .protocol import Signer
 
@@ -223,6 +225,37 @@ class LocalCluster:
             return "\n".join(lines).rstrip()
         return None
 
+    def lost(self) -> BaseException | None:
+        """Why this cluster can no longer serve, once one of its processes has died
+        (its executors' clients ask every 0.2 s: see ``Client.watch``); else None.
+
+        The engine set ending normally (status 0: it stopped replacing, or had no more
+        engines to keep) is not a loss; the controller ending in any way is.
+        """
+        for name, p in list(self.procs.items()):
+            rc = p.poll()
+            if rc is None or (name == "engines" and rc == 0):
+                continue
+            how = _how_it_ended(rc)
+            if name == "engines":
+                return EngineSetDiedError(
+                    f"the engine set of this LocalCluster (pid {p.pid}, the process that "
+                    f"forks and replaces its engines) {how}: its engines are gone and no new "
+                    f"one can start; its log: {self.logs.get(name)}")
+            return ClusterLostError(f"the controller of this LocalCluster (pid {p.pid}) {how}; "
+                                    f"its log: {self.logs.get(name)}")
+        return None
+
+    def watch(self, client) -> None:
+        """Have ``client`` fail its futures as soon as a process of this cluster dies."""
+        ref = weakref.WeakMethod(self.lost)  # the client does not keep the cluster alive
+
+        def look() -> BaseException | None:
+            lost = ref()
+            return lost() if lost is not None else None
+
+        client.watch = look
+
     def wait_for_engines(self, client, timeout: float | None = None) -> None:
         try:
             client.wait_for_engines(self.n, timeout or self.startup_timeout, check=self.check)
@@ -261,6 +294,7 @@ class LocalCluster:
         kwargs.setdefault("forward_output", self.forward_output)
         ex = ZmqExecutor(connection=self.connection_file, **kwargs)
         ex._made_by = self
+        self.watch(ex.client)
         return ex
 
     def __enter__(self) -> ZmqExecutor:
@@ -288,6 +322,15 @@ class LocalCluster:
     def __del__(self) -> None:
         if getattr(self, "procs", None):  # None: __init__ refused its arguments
             self.stop(timeout=1.0)
+
+
+def _how_it_ended(rc: int) -> str:
+    if rc < 0:
+        try:
+            return f"was killed by signal {signal.Signals(-rc).name}"
+        except ValueError:
+            return f"was killed by signal {-rc}"
+    return f"exited with status {rc}"
 
 
 _executor._cluster_factory = LocalCluster

@@ -90,6 +90,12 @@ class EngineDiedError(ZexecError, BrokenProcessPool):
         return cls(info.get("id"), info.get("reason", ""), info.get("exitcode"), info.get("log"))
 
 
+class EngineSetDiedError(ZexecError, BrokenProcessPool):
+    """The process that starts and replaces a cluster's engines died: its engines are
+    gone and no new ones can start, so the executor is broken (as a pool whose
+    processes were all killed)."""
+
+
 class NoEnginesError(ZexecError):
     """A load-balanced task waited longer than the cluster allows with no engine to run it."""
 

@@ -338,6 +338,7 @@ class ZmqExecutor(_ExecutorBase):
             except BaseException:
                 self._cluster.stop()
                 raise
+            self._cluster.watch(client)
             try:
                 self._cluster.wait_for_engines(client)
             except BrokenExecutor as e:
