@@ -269,3 +269,19 @@ def test_a_task_that_catches_its_interrupt_keeps_its_result(ex, tmp_path):
     assert ex.interrupt(fut, grace=30)
     assert fut.result(30) == "done"
     assert view.submit(os.getpid).result(30) == pid  # within its grace: the engine stays
+
+
+@pytest.mark.timeout(90)
+def test_tasks_queued_behind_a_stuck_direct_task_move_to_another_engine(no_leaks, tmp_path):
+    started = str(tmp_path / "started")
+    with LocalCluster(1, hwm=4, heartbeat_period=0.25) as ex:
+        first = ex.engines
+        stuck = ex.engine(first[0]).options(timeout=0.5, grace=0.5).submit(ft.stubborn, started, 60)
+        _pid_of(started)
+        # the task scheduler sees an idle engine: the first of these leaves it with its
+        # payload, which only the engine still holds when it has to give it back
+        queued = [ex.submit(tasks.mul, i, 10) for i in range(3)]
+        with pytest.raises(TimeoutError):
+            stuck.result(30)
+        assert [f.result(60) for f in queued] == [0, 10, 20]
+        wait_until(lambda: ex.engines and ex.engines != first, 30, what="a replacement engine")

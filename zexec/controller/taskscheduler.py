@@ -293,10 +293,14 @@ class TaskScheduler:
         self._done.append((task.msg_id, header.get("status"), header.get("started"), header.get("completed")))
 
     def _take_back(self, eng: _Engine, euuid: bytes, rest: list) -> None:
-        """An engine hands back a task it has not started (it is about to exit, see
-        Engine._give_back): the request it carries goes first in the queue again, the
-        engine gets no more tasks, and it hears that the task is back (only then does
-        it exit, so its death cannot overtake the task)."""
+        """An engine about to exit hands back a task it has not started (see
+        Engine._give_back): it goes first in the queue again (``_requeue``, as for
+        ``give_back``), the engine gets no more tasks, and it hears that the task is
+        back (only then does it exit, so its death cannot overtake the task).
+
+        The request comes back with it: the payload of a task sent to an engine with
+        nothing outstanding is not kept here (see ``_dispatch``), yet such a task may
+        wait there behind a direct one."""
         try:
             c = loads(rest[3])
             n = c["nidents"]
@@ -308,12 +312,11 @@ class TaskScheduler:
             self.bad("malformed give_back", str(e))
             return
         self._remove_from_routing(euuid)
-        task = eng.outstanding.pop(msg_id, None)
+        task = eng.outstanding.get(msg_id)
         if task is not None:  # else not one this engine holds (aborted, or already failed)
-            eng.sent -= 1  # never ran: not one of its max_tasks
-            task.engine = None
-            task.rest = frames[n:]  # the original request, signed by its client
-            self.queue.appendleft(task)
+            if task.rest is None:
+                task.rest = frames[n:]  # the original request, signed by its client
+            self._requeue(eng, [task])
         self._send_engine(self.session.pack("give_back_reply", {"msg_id": msg_id}, idents=[euuid]))
     def _bound(self) -> int:
         if self.fixed_hwm:
@@ -428,14 +431,18 @@ class TaskScheduler:
             self.bad("malformed abort_reply", str(e))
             return
         back = [t for m, t in eng.outstanding.items() if m in dropped]
+        self._requeue(eng, back)
+        if back:
+            log.info("engine %s gave back %d tasks queued behind a long one", eng.id, len(back))
+
+    def _requeue(self, eng: _Engine, back: list) -> None:
+        """Tasks ``eng`` held but never started wait here again, first in line, in order."""
         for task in back:
             del eng.outstanding[task.msg_id]
             eng.sent -= 1  # never ran there: not one of its max_tasks
             task.engine = None
             self._done.append((task.msg_id, "given_back", None, None))
         self.queue.extendleft(reversed(back))
-        if back:
-            log.info("engine %s gave back %d tasks queued behind a long one", eng.id, len(back))
 
     def _send_engine(self, frames: list) -> bool:
         try:
