@@ -17,7 +17,8 @@ import pytest
 
 import tasks
 from conftest import wait_until
-from zexec import EngineDiedError, EngineSetDiedError, LocalCluster, ZmqExecutor, serialize, wire
+from zexec import (EngineDiedError, EngineSetDiedError, LocalCluster, NoEnginesError, ZmqExecutor,
+                   serialize, wire)
 from zexec.errors import ProtocolError
 from zexec.futures import ZFuture
 
@@ -245,3 +246,25 @@ def test_engine_set_killed_is_a_prompt_clear_error(no_leaks, tmp_path, made):
             cluster.__exit__(None, None, None)
         else:
             ex.shutdown()
+
+
+@pytest.mark.timeout(120)
+def test_engine_set_lost_is_told_to_every_client(no_leaks):
+    """Finding 6, on a cluster whose processes the client did not start (as from the
+    command line): the hub hears the engine set no more, and queued tasks fail at once
+    with NoEnginesError saying why, not after no_engine_timeout (30 s)."""
+    cluster = LocalCluster(1)
+    own = cluster.__enter__()
+    other = ZmqExecutor(connection=cluster.connection_file)  # sees no process: only the hub
+    try:
+        wait_until(lambda: len(other.engines) == 1, 30, what="the engine")
+        os.kill(cluster.procs["engines"].pid, signal.SIGKILL)
+        wait_until(lambda: not other.engines, 30, what="the engine declared dead")
+        t0 = time.monotonic()
+        f = other.submit(tasks.mul, 1, 1)
+        with pytest.raises(NoEnginesError, match="no engine set is running.*no word from it"):
+            f.result(20)
+        assert time.monotonic() - t0 < 15
+    finally:
+        other.shutdown()
+        cluster.__exit__(None, None, None)

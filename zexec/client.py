@@ -168,7 +168,8 @@ class Client:
         self.registrar = self._socket(zmq.DEALER)
         self.registrar.connect(info.url("registration"))
         self.notif = self._socket(zmq.SUB)
-        for topic in (b"registration", b"unregistration", b"hub_beat", b"lost_message"):
+        for topic in (b"registration", b"unregistration", b"hub_beat", b"lost_message",
+                      b"launcher_gone"):
             self.notif.subscribe(topic)
         self.notif.connect(info.url("notification"))
         req = self.session.pack("connection_request", {})
@@ -918,6 +919,9 @@ class Client:
             self._engine_gone(c)
         elif kind == "hub_beat":
             self._sync_engines(c.get("engines", {}), c.get("pending", ()), c.get("next_id"))
+        elif kind == "launcher_gone":
+            log.warning("engine set pid %s on %s is gone (%s); %s engine sets left", c.get("pid"),
+                        c.get("hostname"), c.get("reason"), c.get("left", -1))
         elif kind == "lost_message":
             self._recover_lost(str(c.get("msg_id")), str(c.get("device")))
 

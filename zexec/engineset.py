@@ -14,6 +14,7 @@ import importlib
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from typing import Sequence
@@ -29,6 +30,8 @@ from .protocol import Session
 
 log = logging.getLogger("zexec.engineset")
 
+#: how often the engine set tells the hub it lives (see zexec.controller.hub.LAUNCHER_LOST)
+LAUNCHER_BEAT = 1.0
 #: engines that die before they are ready this many times in a row stop the replacing
 CRASH_LOOP_COUNT = 5
 #: with no hub_beat for this long (before the first / after one), the engines stop
@@ -56,6 +59,7 @@ class EngineSet:
         #: pid -> the read end of a pipe on which the engine writes once it is ready
         self.ready_pipes: dict[int, int] = {}
         self.shm = info.shm_store()  # where a killed engine may leave a partial file
+        self.next_beat = 0.0
         self.hub_stopped = False
         self.initializer = None
         self.initargs: tuple = ()
@@ -177,6 +181,7 @@ class EngineSet:
                     except BlockingIOError:
                         pass
                 self._reap(hub, stop)
+                self._beat(hub)
                 if notif in ready:
                     while notif.get(zmq.EVENTS) & zmq.POLLIN:
                         self._on_notification(notif.recv_multipart())
@@ -185,6 +190,8 @@ class EngineSet:
         finally:
             self._kill_all()
             self._reap(hub, {"flag": True})
+            hub.send_multipart(self.session.pack(
+                "launcher_exit", {"launcher": self.id, "reason": f"it exited (status {code})"}))
             ctx.destroy(linger=0)  # stopping: exit reports to a hub going away can wait no more
         return code
 
@@ -223,6 +230,16 @@ class EngineSet:
                 self.replace = False
                 continue
             self.spawn()
+
+    def _beat(self, hub: zmq.Socket) -> None:
+        """Tell the hub, every LAUNCHER_BEAT, that this engine set lives: when it stops
+        hearing it (killed, its host gone), clients learn why no engine comes back."""
+        now = time.monotonic()
+        if now < self.next_beat:
+            return
+        self.next_beat = now + LAUNCHER_BEAT
+        hub.send_multipart(self.session.pack("launcher_beat", {
+            "launcher": self.id, "pid": os.getpid(), "hostname": socket.gethostname()}))
 
     def _was_ready(self, pid: int) -> bool:
         """Whether the exited engine ``pid`` had said it was ready (registered, initialized)."""

@@ -308,7 +308,14 @@ CONTENT = {
                                     "exitcode": (_opt(_int), False), "fatal": (_opt(_bool), False)},
     "engine_exit": {"launcher": (_text, True), "pid": (_int, True), "exitcode": (_opt(_int), False)},
     "lost_message": {"msg_id": (_id, True), "device": (_id, True)},
-    "hub_beat": {"engines": (_dict, False), "pending": (_list, False), "next_id": (_opt(_int), False)},
+    "hub_beat": {"engines": (_dict, False), "pending": (_list, False), "next_id": (_opt(_int), False),
+                 "launchers": (_opt(_int), False)},
+    "launcher_beat": {"launcher": (_id, True), "pid": (_opt(_int), False),
+                      "hostname": (_opt(_text), False)},
+    "launcher_exit": {"launcher": (_id, True), "reason": (_opt(_text), False)},
+    "launcher_gone": {"launcher": (_id, True), "pid": (_opt(_int), False),
+                      "hostname": (_opt(_text), False), "reason": (_opt(_text), False),
+                      "left": (_opt(_int), False)},
 }
 
 

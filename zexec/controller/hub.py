@@ -55,6 +55,10 @@ NUDGE = [b"zexec-nobody", DELIM, b"", b"{}", b"{}", b"{}"]
 #: neither a flood of distinct words nor one that cannot be encoded lands in the table
 STATUSES = frozenset({"ok", "error", "aborted", "engine_died", "no_engines"})
 REGISTRATION_TIMEOUT = 30.0
+#: an engine set (launcher) not heard for this long is gone: killed, or its host lost
+LAUNCHER_LOST = 3.5
+#: engine sets tracked at most (each beats every second: a bound against a buggy peer)
+MAX_LAUNCHERS = 10_000
 #: dead engines' records kept (for late exit reports, status and a late heart); ids
 #: are never reused, so max_tasks_per_child=1 makes one per task
 DEAD_KEPT = 256
@@ -80,6 +84,8 @@ class Hub:
         self.bad = RateLimitedLog(log)
         self.stopping = False
         self.monitor_peers = 0
+        #: live engine sets (launchers), by id: pid, hostname, when last heard
+        self.launchers: dict[str, dict] = {}
         self.started = time.monotonic()
         self.flush_seq = 0
         self.flushed = 0
@@ -194,7 +200,8 @@ class Hub:
         # register after it (ids from next_id on); a client that learnt of them from a
         # newer connection reply must not take them for gone
         pending = [e["id"] for e in self.engines.values() if e["state"] == "pending"]
-        self._publish("hub_beat", {"engines": live, "pending": pending, "next_id": self.next_id})
+        self._publish("hub_beat", {"engines": live, "pending": pending, "next_id": self.next_id,
+                                   "launchers": len(self.launchers)})
 
     def _beat(self) -> None:
         self._publish_live()
@@ -211,6 +218,10 @@ class Hub:
     def _timers(self, now: float) -> None:
         if now - self.started > MONITOR_GRACE:
             self._all_maybe_live()
+        for lid, rec in list(self.launchers.items()):
+            if now - rec["last"] > LAUNCHER_LOST:
+                self._launcher_gone(lid, f"no word from it for {LAUNCHER_LOST:.1f}s: killed, "
+                                         f"or its host is lost")
         for uuid, (deadline, reason) in list(self.pending_death.items()):
             if now >= deadline:
                 del self.pending_death[uuid]
@@ -318,6 +329,30 @@ class Hub:
         for eng in self.dead.values():
             if eng.get("launcher") == c["launcher"] and eng.get("pid") == c["pid"]:
                 eng.setdefault("exitcode", c.get("exitcode"))
+
+    def _do_launcher_beat(self, msg) -> None:
+        c = msg.content
+        lid = c["launcher"]
+        rec = self.launchers.get(lid)
+        if rec is None:
+            if len(self.launchers) >= MAX_LAUNCHERS:
+                self.bad("too many engine sets", lid)
+                return
+            rec = self.launchers[lid] = {"pid": c.get("pid"), "hostname": c.get("hostname")}
+            log.info("engine set %s up (pid %s on %s)", lid, rec["pid"], rec["hostname"])
+        rec["last"] = time.monotonic()
+
+    def _do_launcher_exit(self, msg) -> None:
+        if msg.content["launcher"] in self.launchers:
+            self._launcher_gone(msg.content["launcher"], str(msg.content.get("reason") or "it exited"))
+
+    def _launcher_gone(self, lid: str, reason: str) -> None:
+        """An engine set stopped or was lost: say so, for the task scheduler (which fails
+        queued tasks at once if no engine and no engine set is left) and the clients."""
+        rec = self.launchers.pop(lid)
+        log.warning("engine set %s (pid %s on %s) gone: %s", lid, rec["pid"], rec["hostname"], reason)
+        self._publish("launcher_gone", {"launcher": lid, "pid": rec["pid"], "hostname": rec["hostname"],
+                                        "reason": reason, "left": len(self.launchers)})
 
     def _do_unregistration_notification(self, msg) -> None:
         eng = self.engines.get(str(msg.content["uuid"]))

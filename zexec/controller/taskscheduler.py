@@ -97,6 +97,9 @@ class TaskScheduler:
         self.draining: dict[bytes, tuple] = {}
         self.unreachable: dict[bytes, float] = {}
         self.no_engines_since: float | None = None
+        #: the hub's last word on engine sets: the last one gone, and how many are left
+        self.launcher_gone: dict | None = None
+        self.launchers_live: int | None = None
         self.no_engine_timeout = no_engine_timeout
         self.order: list[bytes] = []
         #: recent dead engines' uuids, not to be taken back from an older hub_beat
@@ -477,7 +480,12 @@ class TaskScheduler:
             self._engine_died(c)
         elif kind == "flush_records":
             self._flush_records(flushed=c.get("seq"))
+        elif kind == "launcher_gone":
+            self.launcher_gone = c
+            self.launchers_live = c.get("left")
         elif kind == "hub_beat":
+            if isinstance(c.get("launchers"), int):
+                self.launchers_live = c["launchers"]
             live = c.get("engines", {})
             for info in live.values():
                 if info["uuid"].encode() not in self.engines and info["uuid"].encode() not in self.dead:
@@ -517,13 +525,26 @@ class TaskScheduler:
             return
         self._fail_or_retry(eng, info)
 
+    def _no_engine_set(self) -> str | None:
+        """Why no engine can come, if the last engine set is gone (and none is running)."""
+        c = self.launcher_gone
+        if c is None or self.launchers_live != 0:
+            return None
+        return (f"no engine is left, and no engine set is running to start one: the last "
+                f"(pid {c.get('pid')} on {c.get('hostname')}) is gone: {c.get('reason')}")
+
     def _check_no_engines(self) -> None:
-        """Queued tasks fail once no engine has been there for ``no_engine_timeout``."""
+        """Queued tasks fail once no engine has been there for ``no_engine_timeout``, or
+        at once when no engine set is left to start one."""
         now = time.monotonic()
-        if self.no_engines_since is None or self.engines:
+        if self.engines:
             self.no_engines_since = now
             return
-        if now - self.no_engines_since < self.no_engine_timeout:
+        why = self._no_engine_set()
+        if self.no_engines_since is None and why is None:
+            self.no_engines_since = now
+            return
+        if why is None and now - self.no_engines_since < self.no_engine_timeout:
             return
         failed = 0
         while self.queue:
@@ -531,13 +552,14 @@ class TaskScheduler:
             if task.aborted:
                 continue
             self.tasks.pop(task.msg_id, None)
-            text = f"no engine joined the cluster for {self.no_engine_timeout:.0f}s"
+            text = why or f"no engine joined the cluster for {self.no_engine_timeout:.0f}s"
             send_frames(self.client, self.session.pack(
                 "apply_reply", {"status": "error", "ename": "NoEnginesError", "evalue": text},
                 parent=task.parent, idents=task.reply, parent_id=task.msg_id, status="error"))
             self._done.append((task.msg_id, "no_engines", None, None))
             failed += 1
-        log.warning("no engines for %.0fs: failed %d queued tasks", self.no_engine_timeout, failed)
+        log.warning("%s: failed %d queued tasks", why or f"no engines for {self.no_engine_timeout:.0f}s",
+                    failed)
         self.no_engines_since = None
 
     def _check_draining(self) -> None:
