@@ -271,3 +271,44 @@ def test_engine_identity_cannot_be_taken_over(tcp_cluster, tcp_raw):
     finally:
         for s in thieves:
             s.close(linger=0)
+
+
+@pytest.mark.parametrize("chan", ["mux_client", "mux_engine"])
+def test_lone_delimiter_on_the_mux_loses_no_task(cluster, raw, chan):
+    """10: ``[b"<IDS|MSG>"]`` makes the C device glue the next request (or reply) onto it;
+    the hub found no delimiter where it looked, reported nothing lost, and 5 of 5 direct
+    tasks hung.  The lost message is found by its signature and recovered."""
+    ex = cluster.ex
+    view = ex.engine(ex.engines[1])
+    s = _connected(raw.ctx.socket(zmq.DEALER), chan, ex.client.info)
+    raw.socks[("lone", chan)] = s
+    for i in range(5):
+        s.send(DELIM)
+        f = view.submit(tasks.sleep, 0.05 * i)
+        assert f.result(30) == 0.05 * i
+
+
+@pytest.mark.timeout(120)
+def test_one_frame_junk_on_the_mux_hangs_no_future(cluster, raw):
+    """10: random one-frame junk between direct tasks: every future resolves (with its
+    value, or ZexecError once recovery gave up), none hangs."""
+    import random
+    from concurrent.futures import wait
+
+    from zexec.errors import ZexecError
+
+    rng = random.Random(10)
+    ex = cluster.ex
+    view = ex.engine(ex.engines[1])
+    s = _connected(raw.ctx.socket(zmq.DEALER), "mux_client", ex.client.info)
+    raw.socks[("junk", "mux_client")] = s
+    fs = []
+    for i in range(200):
+        s.send(rng.choice([DELIM, b"", os.urandom(rng.randint(1, 40))]))
+        fs.append(view.submit(tasks.mul, i, 2))
+    done, pending = wait(fs, timeout=60)
+    assert not pending, f"{len(pending)} of {len(fs)} futures hung"
+    for i, f in enumerate(fs):
+        e = f.exception()
+        assert e is None and f.result() == 2 * i or isinstance(e, ZexecError), e
+    assert_serves(cluster)

@@ -50,6 +50,8 @@ MONITOR_GRACE = 2.0
 #: the lost messages whose owner can recover them (a lost status or abort reply cannot be)
 RECOVERABLE = ("apply_request", "apply_reply", "resend_request", "resend_reply")
 NUDGE = [b"zexec-nobody", DELIM, b"", b"{}", b"{}", b"{}"]
+#: where, in a glued copy, the lost message's delimiter is looked for (see Hub._glued)
+MAX_GLUED_IDENTS = 16
 #: the task outcomes status() counts by name.  The monitor's copies are unsigned (anyone
 #: who reaches the MUX can put a word there): any other word is counted as "other", so
 #: neither a flood of distinct words nor one that cannot be encoded lands in the table
@@ -72,6 +74,8 @@ class Hub:
     def __init__(self, info: ConnectionInfo, max_records: int = 10_000) -> None:
         self.info = info
         self.session = Session(info.key_bytes)
+        #: checks messages the devices lost: copies, so the same signature may come again
+        self.verifier = Session(info.key_bytes, check_replay=False)
         self.max_records = max_records
         self.next_id = 0
         self.engines: dict[str, dict] = {}      # uuid -> record, pending or live
@@ -454,28 +458,56 @@ class Hub:
             self._task_records(loads(frames[1]))
             return
         idents, rest = split_idents(frames[1:])
+        if len(idents) != 2:
+            self._glued(prefix, frames[1:])
+            return
         header = loads(rest[1])
         if not isinstance(header, dict):
             raise ValueError("header is not an object")
         kind = header.get("msg_type")
-        if len(idents) != 2:
-            # the C device glued a message onto a malformed one (fewer than 3 frames)
-            # and routed both to nowhere; if the lost one is genuine (signed), tell
-            # its owner, whose future would otherwise wait forever
-            if prefix == b"mux_in" and idents[0].bytes.decode(errors="replace") in self.engines:
-                return  # the lone frame named a live engine: the request reached it
-            lost = header.get("msg_id") if prefix.endswith(b"_in") else header.get("parent_id")
-            self.bad("malformed message on a device", f"{prefix.decode()} lost {lost}")
-            if isinstance(lost, str) and kind in RECOVERABLE:
-                Session(self.info.key_bytes, check_replay=False).verify(rest)
-                self._publish("lost_message", {"msg_id": lost, "device": prefix.decode()})
-            return
         if prefix == b"mux_in" and kind == "apply_request":
             # the device copies after swapping: [engine, client]
             eng = self.engines.get(idents[0].bytes.decode(errors="replace"))
             self._record(header.get("msg_id"), eng["id"] if eng else None, header.get("date"))
         elif prefix == b"mux_out" and kind == "apply_reply":
             self._finish(header.get("parent_id"), header.get("status"), header.get("engine"))
+
+    def _glued(self, prefix: bytes, frames: list) -> None:
+        """A C device glued the next message onto a malformed one and routed both to nowhere.
+
+        A message of one frame leaves the device reading the next message that arrives
+        as the rest of it: the copy is the lone frame, its sender's identity, then that
+        whole next message.  If the next one is genuine, its owner must hear it was
+        lost (its future would wait forever).  Where it starts is found by its
+        signature, not by the first delimiter: the lone frame may be a delimiter itself
+        (``[b"<IDS|MSG>"]``), and then the first one leads to the stranger's frames.
+        """
+        if prefix == b"mux_in" and frames[0].bytes.decode(errors="replace") in self.engines:
+            return  # the lone frame named a live engine: the glued request reached it
+        for i, f in enumerate(frames[:MAX_GLUED_IDENTS]):
+            if f.bytes != DELIM or len(frames) - i < 5:
+                continue
+            rest = frames[i + 1:]
+            try:
+                header = loads(rest[1])
+            except ValueError:
+                continue
+            if not isinstance(header, dict):
+                continue
+            kind = header.get("msg_type")
+            lost = header.get("msg_id") if prefix.endswith(b"_in") else header.get("parent_id")
+            if not (_id(lost) and kind in RECOVERABLE):
+                continue
+            try:
+                # the header's signature is enough to trust whom to tell, and costs no
+                # hashing of a big payload
+                self.verifier.verify(rest, routing=True)
+            except ProtocolError:
+                continue
+            self.bad("malformed message on a device", f"{prefix.decode()} lost {lost}")
+            self._publish("lost_message", {"msg_id": lost, "device": prefix.decode()})
+            return
+        self.bad("malformed message on a device", f"{prefix.decode()}: nothing genuine lost")
 
     def _record(self, msg_id, engine_id, t) -> None:
         if not _id(msg_id):
