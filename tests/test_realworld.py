@@ -142,3 +142,22 @@ def test_engines_start_with_the_preloaded_modules(no_leaks):
             log = f.read()
     # a module that fails to import is skipped with a log line, never fatal
     assert "no_such_module_zexec_test failed to import" in log
+
+
+@pytest.mark.parametrize("kind", [bytes, bytearray, memoryview])
+def test_large_bytes_travel_out_of_band(kind):
+    data = bytes(range(256)) * (5 << 12)  # 5 MiB
+    obj = kind(bytearray(data)) if kind is memoryview else kind(data)
+    frames = serialize.dumps(((obj,), {}))
+    assert len(frames) == 2 and memoryview(frames[1]).nbytes == len(data)  # not in the stream
+    assert len(frames[0]) < 1000
+    (back,), _ = serialize.loads(frames)
+    assert type(back) is kind and bytes(back) == data
+
+
+def test_large_bytes_round_trip_through_shared_memory(cluster):
+    ex = cluster.ex
+    data = os.urandom(3 << 20)
+    back = ex.submit(tasks.identity, data).result(60)
+    assert type(back) is bytes and back == data
+    assert os.listdir(ex.client.info.shm_dir) == []  # every buffer file was removed

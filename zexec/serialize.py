@@ -101,6 +101,79 @@ def _cloud_dumps(obj: Any, buffer_callback, by_ref: Callable | None = None) -> b
         return f.getvalue()
 
 
+#: bytes, bytearray and memoryview objects this large travel out-of-band, as arrays do
+BIG_BYTES = 1 << 20
+#: how deep into tuples, lists and dicts (of at most SCAN_LEN items) they are looked for
+SCAN_DEPTH = 3
+SCAN_LEN = 64
+
+
+def _rebuild_bytes(buf) -> bytes:
+    return bytes(buf)
+
+
+def _rebuild_bytearray(buf) -> bytearray:
+    return bytearray(buf)
+
+
+def _rebuild_memoryview(buf) -> memoryview:
+    return memoryview(buf)
+
+
+_REBUILD = {bytes: _rebuild_bytes, bytearray: _rebuild_bytearray, memoryview: _rebuild_memoryview}
+
+
+class _OutOfBand:
+    """Stands for a large bytes-like object in a pickle: its data goes as an
+    out-of-band buffer (its own frame, or shared memory), not copied into the stream,
+    which pickle does for ``bytes`` and ``bytearray`` (and a memoryview cannot be
+    pickled at all)."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj) -> None:
+        self.obj = obj
+
+    def __reduce_ex__(self, protocol):
+        view = memoryview(self.obj)
+        if not view.c_contiguous:
+            view = memoryview(view.tobytes())
+        return _REBUILD[type(self.obj)], (pickle.PickleBuffer(view.cast("B") if view.format != "B" else view),)
+
+
+_CONTAINERS = (tuple, list, dict)
+
+
+def _has_big(obj: Any, depth: int) -> bool:
+    t = type(obj)
+    if t in _REBUILD:
+        # a memoryview of any size: pickle cannot take one at all
+        return t is memoryview or len(obj) >= BIG_BYTES
+    if depth <= 0 or t not in _CONTAINERS or len(obj) > SCAN_LEN:
+        return False
+    for v in (obj.values() if t is dict else obj):
+        if type(v) in _SCANNED and _has_big(v, depth - 1):
+            return True
+    return False
+
+
+_SCANNED = frozenset((*_REBUILD, *_CONTAINERS))
+
+
+def _big_out_of_band(obj: Any, depth: int = SCAN_DEPTH) -> Any:
+    """``obj`` with large bytes-like objects (at its top, or in small tuples, lists and
+    dicts near it: a task's arguments or result) wrapped to travel out-of-band."""
+    if type(obj) not in _SCANNED or not _has_big(obj, depth):
+        return obj
+    t = type(obj)
+    if t in _REBUILD:
+        return _OutOfBand(obj)
+    if t is dict:
+        return {k: _big_out_of_band(v, depth - 1) for k, v in obj.items()}
+    new = [_big_out_of_band(v, depth - 1) for v in obj]
+    return tuple(new) if t is tuple else new
+
+
 def dumps(obj: Any, by_ref: Callable | None = None) -> list:
     """Pickle ``obj`` to frames: [stream, *out-of-band buffers].
 
@@ -112,6 +185,7 @@ def dumps(obj: Any, by_ref: Callable | None = None) -> list:
     persistent id ``by_ref(fn)`` returns: :func:`loads` needs it back in ``refs``.
     """
     bufs: list = []
+    obj = _big_out_of_band(obj)
 
     def callback(pb: pickle.PickleBuffer) -> bool:
         raw = pb.raw()
