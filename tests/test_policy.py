@@ -54,6 +54,7 @@ def test_a_stale_hub_beat_removes_no_engine_it_cannot_speak_for():
     c = object.__new__(Client)  # the engine bookkeeping only: no sockets
     c._engines = {i: {"id": i, "uuid": u} for i, u in enumerate("abc")}
     c._dead, c._futures, c._direct_frames, c._abort_waits, c._draining = {}, {}, {}, {}, {}
+    c._last_id = -1
     c._cond = threading.Condition()
     # taken while engine 1 was starting and before engine 2 registered: both stay
     c._sync_engines({"0": c._engines[0]}, pending=[1], next_id=2)
