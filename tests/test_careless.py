@@ -7,7 +7,6 @@ import gc
 import os
 import signal
 import tempfile
-import time
 import weakref
 from concurrent.futures.process import BrokenProcessPool
 
@@ -233,12 +232,12 @@ def test_engine_set_killed_is_a_prompt_clear_error(no_leaks, tmp_path, made):
                                        str(tmp_path / "never")) for e in ex.engines]
         wait_until(lambda: len(list(tmp_path.glob("started*"))) == 2, 30, what="both engines busy")
         queued = [ex.submit(tasks.mul, i, 2) for i in range(6)]
-        t0 = time.monotonic()
         os.kill(cluster.procs["engines"].pid, signal.SIGKILL)
         for f in [*running, *queued]:
-            with pytest.raises(BrokenProcessPool):  # EngineSetDiedError, or EngineDiedError
-                f.result(20)                         # for the running task, if first
-        assert time.monotonic() - t0 < 10
+            # EngineSetDiedError (or EngineDiedError for a running task, if that came
+            # first); well before the 30 s after which NoEnginesError came
+            with pytest.raises(BrokenProcessPool):
+                f.result(20)
         with pytest.raises(EngineSetDiedError, match="engine set .* killed by signal SIGKILL"):
             ex.submit(tasks.mul, 1, 1)
     finally:
@@ -260,11 +259,9 @@ def test_engine_set_lost_is_told_to_every_client(no_leaks):
         wait_until(lambda: len(other.engines) == 1, 30, what="the engine")
         os.kill(cluster.procs["engines"].pid, signal.SIGKILL)
         wait_until(lambda: not other.engines, 30, what="the engine declared dead")
-        t0 = time.monotonic()
         f = other.submit(tasks.mul, 1, 1)
         with pytest.raises(NoEnginesError, match="no engine set is running.*no word from it"):
-            f.result(20)
-        assert time.monotonic() - t0 < 15
+            f.result(20)  # not after no_engine_timeout (30 s)
     finally:
         other.shutdown()
         cluster.__exit__(None, None, None)
