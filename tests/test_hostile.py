@@ -312,3 +312,74 @@ def test_one_frame_junk_on_the_mux_hangs_no_future(cluster, raw):
         e = f.exception()
         assert e is None and f.result() == 2 * i or isinstance(e, ZexecError), e
     assert_serves(cluster)
+
+
+FLOODER = r"""
+import sys, time, zmq
+url, kind, secs = sys.argv[1], sys.argv[2], float(sys.argv[3])
+ctx = zmq.Context()
+s = ctx.socket(zmq.DEALER if kind == "pong" else zmq.XSUB)
+s.linger = 0
+s.sndhwm = 0
+s.connect(url)
+stop = time.monotonic() + secs
+i = 0
+while time.monotonic() < stop:
+    for _ in range(500):
+        i += 1
+        if kind == "pong":
+            s.send(b"1")
+        elif kind == "distinct":
+            s.send(b"\x01" + i.to_bytes(6, "little"))
+        else:
+            s.send(b"\x01hub_beat" if kind == "same" else b"\x01")
+        if i % 5000 == 0:
+            s.send(b"\x01" + b"x" * 200)  # a long topic: its sender is cut off (and reconnects)
+s.close()
+ctx.term()
+"""
+
+
+def _listener(c, port):
+    for p in psutil.Process(c.procs["controller"].pid).children(recursive=True):
+        if any(k.status == "LISTEN" and k.laddr.port == port for k in p.net_connections("tcp")):
+            return p
+    raise AssertionError(f"no process listens on port {port}")
+
+
+@pytest.mark.timeout(120)
+def test_subscription_and_pong_floods_cost_no_memory_and_no_engine(tcp_cluster):
+    """11: floods of subscriptions (notification, hb_ping) and pongs (hb_pong): drains are
+    bounded and fair, memory stays flat, engines keep beating, the cluster keeps serving."""
+    import subprocess
+    import sys
+
+    ex = tcp_cluster.ex
+    info = ex.client.info
+    pids = all_pids(tcp_cluster)
+    engines = {e: ex.client.engine_info(e)["pid"] for e in ex.engines}
+    hub = _listener(tcp_cluster, info.addresses["registration"])
+    heart = _listener(tcp_cluster, info.addresses["hb_ping"])
+    rss0 = {p.pid: p.memory_info().rss for p in (hub, heart)}
+    floods = [("notification", "same"), ("notification", "distinct"), ("hb_ping", "empty"),
+              ("hb_pong", "pong")]
+    secs = 4.0
+    procs = [subprocess.Popen([sys.executable, "-c", FLOODER, info.url(chan), kind, str(secs)])
+             for chan, kind in floods]
+    try:
+        # the cluster serves through the flood, tasks of both kinds
+        done = 0
+        while any(p.poll() is None for p in procs):
+            assert ex.submit(tasks.mul, done, 2).result(30) == 2 * done
+            assert ex.engine(ex.engines[0]).submit(tasks.mul, done, 3).result(30) == 3 * done
+            done += 1
+        assert done >= 2
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    grown = {pid: (psutil.Process(pid).memory_info().rss - rss0[pid]) >> 20 for pid in rss0}
+    assert max(grown.values()) < 40, f"MB grown (hub {hub.pid}, heartbeat {heart.pid}): {grown}"
+    assert {e: ex.client.engine_info(e)["pid"] for e in ex.engines} == engines, "engines were replaced"
+    assert ex.client._broken is None
+    assert_serves(tcp_cluster, pids)

@@ -158,6 +158,29 @@ def secure(sock, info: ConnectionInfo, server: bool) -> None:
         sock.curve_secretkey = keys["client_secret"].encode()
 
 
+#: largest message a subscriber may send to the controller's XPUBs: a handshake and a
+#: subscription to one of our short topics fit; a stranger's long topics do not
+SUBSCRIBER_MAX_MSG = 64
+
+
+def guard_xpub(sock, info: ConnectionInfo) -> None:
+    """Bound what strangers' subscriptions can cost an XPUB (notification, hb_ping).
+
+    Anyone who can connect can subscribe, as fast as they can send.  With a receive
+    high-water mark of 1 the XPUB takes in a peer's next subscription only once we
+    have read the last, so a flood waits in the flooder's own queues, not in ours
+    (an XPUB otherwise moves all it receives into an unbounded list on every call).
+    Long topics disconnect their sender; each distinct topic still costs a few bytes
+    for as long as its subscriber stays connected (see security.md).  With Curve,
+    strangers cannot connect, and the handshake is larger than the limit.
+    """
+    import zmq
+
+    sock.rcvhwm = 1
+    if not info.curve:
+        sock.setsockopt(zmq.MAXMSGSIZE, SUBSCRIBER_MAX_MSG)
+
+
 def new_key() -> str:
     return secrets.token_hex(32)
 

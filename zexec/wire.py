@@ -69,13 +69,19 @@ def drain(sock: zmq.Socket, handler, limit: int = 1000) -> int:
     return n
 
 
-def drain_subscriptions(xpub: zmq.Socket) -> bool:
-    """Read what an XPUB's subscribers sent; True if anyone (re)subscribed.
+def drain_subscriptions(xpub: zmq.Socket, limit: int = 200) -> bool:
+    """Read up to ``limit`` of what an XPUB's subscribers sent; True if anyone (re)subscribed.
 
     The controller answers a new subscriber with the current state at once (a PUB
-    drops what it publishes before a subscriber's connection is up).
+    drops what it publishes before a subscriber's connection is up).  Bounded: anyone
+    who can connect can send subscriptions as fast as we read them, and the caller has
+    other sockets to serve (a loop until none is left kept the hub from beating, and
+    the heartbeat monitor from pinging); what is left is read on the next turn.
     """
     subscribed = False
-    while xpub.get(zmq.EVENTS) & zmq.POLLIN:
-        subscribed |= xpub.recv()[:1] == b"\x01"  # the rest are unsubscriptions
+    try:
+        for _ in range(limit):
+            subscribed |= _recv(xpub, _NOBLOCK, True)[:1] == b"\x01"  # the rest are unsubscriptions
+    except zmq.Again:
+        pass
     return subscribed

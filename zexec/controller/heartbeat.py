@@ -25,11 +25,16 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from .. import wire
-from ..connection import ConnectionInfo, secure
+from ..connection import ConnectionInfo, guard_xpub, secure
 from ..protocol import RateLimitedLog, Session
 from . import policy
 
 log = logging.getLogger("zexec.heartbeat")
+
+#: pongs read between two looks at the clock (a ping is due every period)
+PONGS_PER_TURN = 1000
+#: the current beat is sent again for new hearts at most this often
+AGAIN_GAP = 0.02
 
 
 class HeartMonitor:
@@ -55,6 +60,7 @@ class HeartMonitor:
         pong = ctx.socket(zmq.ROUTER)
         for s in (ping, pong):
             s.linger = 0
+        guard_xpub(ping, info)
         secure(ping, info, server=True)
         secure(pong, info, server=True)
         ping.bind(info.bind_url("hb_ping"))
@@ -69,6 +75,8 @@ class HeartMonitor:
         poller.register(monitor, zmq.POLLIN)
         poller.register(ping, zmq.POLLIN)
         next_beat = time.monotonic()
+        again_at = None  # when to send the current beat again, for new hearts
+        last_sent = 0.0
         log.info("heartbeat monitor up: period %.2fs, %d misses", self.period, self.misses)
         try:
             while True:
@@ -77,15 +85,27 @@ class HeartMonitor:
                     self._verdicts()
                     self.beat += 1
                     ping.send(str(self.beat).encode())
+                    last_sent = now
                     next_beat = now + self.period
-                ready = dict(poller.poll(max(0, int((next_beat - time.monotonic()) * 1000)) + 1))
-                if ping in ready and wire.drain_subscriptions(ping) and self.beat:
+                    again_at = None  # new hearts hear this one
+                elif again_at is not None and now >= again_at:
                     ping.send(str(self.beat).encode())  # the beat again: old hearts ignore it
+                    last_sent = now
+                    again_at = None
+                wake = next_beat if again_at is None else min(next_beat, again_at)
+                ready = dict(poller.poll(max(0, int((wake - time.monotonic()) * 1000)) + 1))
+                if ping in ready and wire.drain_subscriptions(ping) and self.beat and again_at is None:
+                    # a new heart hears the current beat at once; a flood of subscriptions
+                    # gets it once per AGAIN_GAP (every heart echoes every beat it hears)
+                    again_at = max(time.monotonic(), last_sent + AGAIN_GAP)
                 if pong in ready:
-                    while pong.get(zmq.EVENTS) & zmq.POLLIN:
-                        self._on_pong(pong.recv_multipart(copy=False))
+                    # bounded, like every read here: a stranger can send pongs as fast as
+                    # we read them, and the next ping must still go out on time
+                    wire.drain(pong, self._on_pong, PONGS_PER_TURN)
                 if monitor in ready:
-                    while monitor.get(zmq.EVENTS) & zmq.POLLIN:
+                    for _ in range(PONGS_PER_TURN):  # strangers can connect and leave fast too
+                        if not monitor.get(zmq.EVENTS) & zmq.POLLIN:
+                            break
                         ev = recv_monitor_message(monitor)
                         heart = self.fd_of.pop(ev["value"], None)
                         if heart is not None and heart in self.last_seen:

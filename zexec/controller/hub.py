@@ -25,7 +25,7 @@ import time
 import zmq
 
 from .. import wire
-from ..connection import ConnectionInfo, secure
+from ..connection import ConnectionInfo, guard_xpub, secure
 from ..errors import ProtocolError
 from ..protocol import DELIM, MAX_ID, RateLimitedLog, Session, loads, split_idents
 
@@ -57,6 +57,8 @@ MAX_GLUED_IDENTS = 16
 #: neither a flood of distinct words nor one that cannot be encoded lands in the table
 STATUSES = frozenset({"ok", "error", "aborted", "engine_died", "no_engines"})
 REGISTRATION_TIMEOUT = 30.0
+#: new subscribers to the notifications are answered (a hub_beat) at most this often
+ANSWER_GAP = 0.02
 #: an engine set (launcher) not heard for this long is gone: killed, or its host lost
 LAUNCHER_LOST = 3.5
 #: engine sets tracked at most (each beats every second: a bound against a buggy peer)
@@ -91,6 +93,7 @@ class Hub:
         #: live engine sets (launchers), by id: pid, hostname, when last heard
         self.launchers: dict[str, dict] = {}
         self.started = time.monotonic()
+        self.last_live = 0.0
         self.flush_seq = 0
         self.flushed = 0
         self.status_waiting: list[tuple[int, float, object]] = []
@@ -111,6 +114,7 @@ class Hub:
         self.notif.setsockopt(zmq.XPUB_VERBOSE, 1)
         self.notif.linger = 0
         self.notif.sndhwm = 0
+        guard_xpub(self.notif, info)
         secure(self.notif, info, server=True)
         self.notif.bind(info.bind_url("notification"))
         self.monitor = ctx.socket(zmq.SUB)
@@ -171,7 +175,9 @@ class Hub:
                 else:
                     ready = dict(poller.poll(max(1, int(timeout * 1000) + 1)))
                 if self.notif in ready and wire.drain_subscriptions(self.notif):
-                    self._publish_live()
+                    # a new subscriber gets the live engines at once; a flood of them gets
+                    # one answer per ANSWER_GAP, not one per read
+                    next_beat = min(next_beat, self.last_live + ANSWER_GAP)
                 if peers in ready:
                     while peers.get(zmq.EVENTS) & zmq.POLLIN:
                         peers.recv_multipart()
@@ -199,6 +205,7 @@ class Hub:
         self.notif.send_multipart(self.session.pack(kind, content, idents=[kind.encode()]))
 
     def _publish_live(self) -> None:
+        self.last_live = time.monotonic()
         live = {str(e["id"]): _public(e) for e in self.engines.values() if e["state"] == "live"}
         # what the snapshot cannot speak for: engines still starting, and those that
         # register after it (ids from next_id on); a client that learnt of them from a
