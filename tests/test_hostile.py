@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import time
 
 from zexec import connection
 from zexec.connection import ConnectionInfo, new_key
@@ -383,3 +384,129 @@ def test_subscription_and_pong_floods_cost_no_memory_and_no_engine(tcp_cluster):
     assert {e: ex.client.engine_info(e)["pid"] for e in ex.engines} == engines, "engines were replaced"
     assert ex.client._broken is None
     assert_serves(tcp_cluster, pids)
+
+
+# -- the fuzz test: every message type, wrongly typed, signed, to every socket ----------
+
+NESTED = "__nested__"
+WRONG = [["a", "list"], {"a": "dict"}, 7, None, LONE, 10 ** 30, True, NESTED, [[["x"]]], ""]
+
+#: message type -> (header fields, content): every field some receiver reads
+TEMPLATES = {
+    "apply_request": ({"reply_to": "fuzz-r", "retries": 0}, {"fn": "", "nfn": 1, "chunk": False, "shm": []}),
+    "abort_request": ({"reply_to": "fuzz-r"}, {"msg_ids": ["fuzz-x"]}),
+    "resend_request": ({"reply_to": "fuzz-r"}, {"msg_ids": ["fuzz-x"]}),
+    "registration_request": ({}, {"uuid": "fuzz-u", "hostname": "h", "pid": 1, "log": "l",
+                                  "launcher": "fuzz-l", "max_tasks": 1}),
+    "registration_complete": ({}, {"uuid": "fuzz-u"}),
+    "heart_beating": ({}, {"uuid": "fuzz-u"}),
+    "heart_failure": ({}, {"uuid": "fuzz-u", "reason": "r"}),
+    "unregistration_notification": ({}, {"uuid": "fuzz-u", "reason": "r", "exitcode": 0, "fatal": False}),
+    "engine_exit": ({}, {"launcher": "fuzz-l", "pid": 1, "exitcode": 0}),
+    "connection_request": ({}, {}),
+    "queue_request": ({}, {}),
+    "shutdown_request": ({}, {}),
+    "apply_reply": ({"parent_id": "fuzz-x", "status": "error", "engine": 0, "started": 1.0,
+                     "completed": 2.0, "elapsed": 1.0},
+                    {"status": "error", "ename": "E", "evalue": "v", "engine": {"id": 0}}),
+    "abort_reply": ({}, {"aborted": ["fuzz-x"], "not_found": ["fuzz-y"]}),
+    "resend_reply": ({}, {"missing": ["fuzz-x"]}),
+    "status": ({"parent_id": "fuzz-x"}, {"state": "started", "msg_id": "fuzz-x"}),
+    "stream": ({}, {"name": "stdout", "text": "t"}),
+    "lost_message": ({}, {"msg_id": "fuzz-x", "device": "mux_in"}),
+    "hub_beat": ({}, {"engines": {}, "pending": [], "next_id": 0}),
+    "unregistered": ({}, {"uuid": "fuzz-u"}),
+}
+#: a well-typed message of these types does what it says (stop the hub, add an engine):
+#: they are sent only with values their schema refuses
+ONLY_WRONG = {"registration_request", "shutdown_request", "unregistration_notification",
+              "heart_failure", "engine_exit"}
+
+
+def _encode(obj) -> bytes:
+    # ASCII escapes, as any JSON library may send them: a lone surrogate travels as \ud800
+    raw = json.dumps(obj).encode()
+    return raw.replace(json.dumps(NESTED).encode(), b"[" * 5000 + b"]" * 5000)
+
+
+def fuzz_messages(info):
+    """(msg_type, field, frames after DELIM) for every field of every type, every wrong value."""
+    from zexec.protocol import CONTENT, HEADER
+
+    sign = Signer(info.key_bytes).sign
+    n = 0
+    for kind, (hextra, content) in TEMPLATES.items():
+        for where, field in ([("header", f) for f in ("msg_id", "msg_type", "session", "date", *hextra)]
+                             + [("content", f) for f in content]):
+            spec = (HEADER if where == "header" else CONTENT.get(kind, {})).get(field)
+            for value in WRONG:
+                if kind in ONLY_WRONG and spec is not None and value != NESTED and spec[0](value):
+                    continue
+                n += 1
+                h = {"msg_id": f"fuzz-{n}", "msg_type": kind, "session": "fuzz", "date": 1.0 + n,
+                     **hextra}
+                c = dict(content)
+                (h if where == "header" else c)[field] = value
+                body = [_encode(h), b"{}", _encode(c)]
+                yield kind, field, [sign(body), *body]
+    # whole frames of the wrong JSON type, and a header with nothing but its type
+    for kind in TEMPLATES:
+        for body in ([_encode(["list"]), b"{}", b"{}"], [_encode({"msg_type": kind}), b"{}", b"{}"],
+                     [_encode({"msg_id": f"fuzz-p-{kind}", "msg_type": kind}), _encode([1]), _encode("s")]):
+            yield kind, "frames", [sign(body), *body]
+
+
+@pytest.mark.timeout(180)
+def test_fuzz_wrongly_typed_signed_messages_on_every_socket(cluster, raw):
+    """Every message type, each field replaced by a wrong type (list, dict, int, None, a
+    lone surrogate, a huge int, deep nesting...), signed, to every socket: nothing
+    dies, and the cluster still serves both kinds of task and status()."""
+    ex = cluster.ex
+    info = ex.client.info
+    pids = all_pids(cluster)
+    engines = {e: ex.client.engine_info(e)["pid"] for e in ex.engines}
+    eng = engine_uuid(cluster, ex.engines[0])
+    client_r = ex.client.reply_to.encode()
+    topic = ex.client.session.session.encode()
+    routes = {  # channel -> (socket type, identities in front: who it is routed to)
+        "registration": (zmq.DEALER, []), "task_client": (zmq.DEALER, []),
+        "task_engine": (zmq.DEALER, []), "mux_client": (zmq.DEALER, [eng]),
+        "mux_engine": (zmq.DEALER, [client_r]), "control_client": (zmq.DEALER, [eng]),
+        "control_engine": (zmq.DEALER, [client_r]), "iopub_engine": (zmq.PUB, [topic]),
+        "notification": (zmq.XSUB, []), "hb_ping": (zmq.XSUB, []), "hb_pong": (zmq.DEALER, []),
+    }
+    socks = {chan: _connected(raw.ctx.socket(kind), chan, info) for chan, (kind, _) in routes.items()}
+    raw.socks.update({("fuzz", c): s for c, s in socks.items()})
+    messages = list(fuzz_messages(info))
+    assert len(messages) > 500
+    for chan, (kind, idents) in routes.items():
+        for _kind, _field, frames in messages:
+            socks[chan].send_multipart([*idents, DELIM, *frames])
+    # a question behind them on the same connection is answered only once the receiver
+    # has handled every fuzz message before it (one pipe, in order)
+    me = Session(info.key_bytes)
+    probes = {"registration": me.pack("connection_request", {}),
+              "task_client": me.pack("abort_request", {"msg_ids": ["probe"]}),
+              "mux_client": me.pack("resend_request", {"msg_ids": ["probe"]}, idents=[eng]),
+              "control_client": me.pack("abort_request", {"msg_ids": ["probe"]}, idents=[eng])}
+    check = Session(info.key_bytes, check_replay=False)
+    for chan, frames in probes.items():
+        s = socks[chan]
+        want = check.unpack(frames).header["msg_id"]
+        while s.poll(0):
+            s.recv_multipart()  # answers to valid fuzz queries
+        s.send_multipart(frames)
+        deadline = time.monotonic() + 60
+        while True:
+            assert s.poll(max(0, int((deadline - time.monotonic()) * 1000))), f"{chan}: no answer"
+            try:
+                reply = check.unpack(s.recv_multipart())
+            except Exception:  # noqa: BLE001 - answers to fuzz, in any shape
+                continue
+            if reply.parent.get("msg_id") == want or \
+                    reply.content.get("not_found") == ["probe"] or reply.content.get("missing") == ["probe"]:
+                break
+    assert_serves(cluster, pids)
+    assert {e: ex.client.engine_info(e)["pid"] for e in ex.engines} == engines
+    assert ex.client._broken is None
+    assert not [m for m, (f, _) in ex.client._futures.items() if not f.done()]
