@@ -416,6 +416,9 @@ TEMPLATES = {
     "lost_message": ({}, {"msg_id": "fuzz-x", "device": "mux_in"}),
     "hub_beat": ({}, {"engines": {}, "pending": [], "next_id": 0}),
     "unregistered": ({}, {"uuid": "fuzz-u"}),
+    "give_back": ({}, {"msg_id": "fuzz-x", "nidents": 1}),
+    "give_back_reply": ({}, {"msg_id": "fuzz-x"}),
+    "interrupt_request": ({}, {"msg_id": "fuzz-x", "reason": "r", "grace": 0.1}),
 }
 #: a well-typed message of these types does what it says (stop the hub, add an engine):
 #: they are sent only with values their schema refuses

@@ -305,13 +305,13 @@ class TaskScheduler:
         nothing outstanding is not kept here (see ``_dispatch``), yet such a task may
         wait there behind a direct one."""
         try:
-            c = loads(rest[3])
+            c = check_content("give_back", loads(rest[3]))
             n = c["nidents"]
             frames = rest[4:]
             if not isinstance(n, int) or not 0 <= n <= len(frames) - 4:
                 raise ValueError("bad nidents")
-            msg_id = loads(frames[n + 1])["msg_id"]
-        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+            msg_id = check_header(loads(frames[n + 1]))["msg_id"]
+        except (ProtocolError, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
             self.bad("malformed give_back", str(e))
             return
         self._remove_from_routing(euuid)
