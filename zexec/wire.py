@@ -9,6 +9,7 @@ frames are copied on send (cheaper than pinning them), large ones are not.
 
 from __future__ import annotations
 
+import time
 from typing import Any, Sequence
 
 import zmq
@@ -69,19 +70,55 @@ def drain(sock: zmq.Socket, handler, limit: int = 1000) -> int:
     return n
 
 
-def drain_subscriptions(xpub: zmq.Socket, limit: int = 200) -> bool:
-    """Read up to ``limit`` of what an XPUB's subscribers sent; True if anyone (re)subscribed.
+class SubscriptionGate:
+    """Reads an XPUB's subscriptions within a budget per window of time.
 
-    The controller answers a new subscriber with the current state at once (a PUB
-    drops what it publishes before a subscriber's connection is up).  Bounded: anyone
-    who can connect can send subscriptions as fast as we read them, and the caller has
-    other sockets to serve (a loop until none is left kept the hub from beating, and
-    the heartbeat monitor from pinging); what is left is read on the next turn.
+    An XPUB takes in its subscribers' next subscriptions (and, for a new topic, keeps
+    it) every time its owner calls it; a stranger subscribing to ever new topics as
+    fast as it can would grow it as fast as the owner reads.  Out of budget, the XPUB
+    leaves the owner's pollers until the window ends, and takes in almost nothing
+    meanwhile (its owner still publishes on it).  Our own subscribers send a few
+    subscriptions each when they connect: far below the budget.
     """
-    subscribed = False
-    try:
-        for _ in range(limit):
-            subscribed |= _recv(xpub, _NOBLOCK, True)[:1] == b"\x01"  # the rest are unsubscriptions
-    except zmq.Again:
-        pass
-    return subscribed
+
+    def __init__(self, xpub: zmq.Socket, pollers, per_window: int = 100, window: float = 0.1) -> None:
+        self.xpub = xpub
+        self.pollers = pollers
+        self.per_window = per_window
+        self.window = window
+        self.left = per_window
+        self.window_end = 0.0
+        self.closed = False
+
+    def read(self) -> bool:
+        """Read what the budget allows; True if anyone (re)subscribed."""
+        now = time.monotonic()
+        if now >= self.window_end:
+            self.left, self.window_end = self.per_window, now + self.window
+        subscribed = False
+        n = 0
+        try:
+            while n < self.left:
+                subscribed |= _recv(self.xpub, _NOBLOCK, True)[:1] == b"\x01"  # else unsubscriptions
+                n += 1
+        except zmq.Again:
+            pass
+        self.left -= n
+        if self.left <= 0 and not self.closed:
+            for p in self.pollers:
+                p.unregister(self.xpub)
+            self.closed = True
+        return subscribed
+
+    def reopen_at(self, now: float) -> float | None:
+        """Put the XPUB back in the pollers once its window has ended; while it is out,
+        when to call again (for the poll timeout)."""
+        if not self.closed:
+            return None
+        if now < self.window_end:
+            return self.window_end
+        for p in self.pollers:
+            p.register(self.xpub, zmq.POLLIN)
+        self.closed = False
+        self.left, self.window_end = self.per_window, now + self.window
+        return None

@@ -74,6 +74,7 @@ class HeartMonitor:
         poller.register(pong, zmq.POLLIN)
         poller.register(monitor, zmq.POLLIN)
         poller.register(ping, zmq.POLLIN)
+        subscriptions = wire.SubscriptionGate(ping, (poller,))
         next_beat = time.monotonic()
         again_at = None  # when to send the current beat again, for new hearts
         last_sent = 0.0
@@ -93,8 +94,11 @@ class HeartMonitor:
                     last_sent = now
                     again_at = None
                 wake = next_beat if again_at is None else min(next_beat, again_at)
+                reopen = subscriptions.reopen_at(now)
+                if reopen is not None:
+                    wake = min(wake, reopen)
                 ready = dict(poller.poll(max(0, int((wake - time.monotonic()) * 1000)) + 1))
-                if ping in ready and wire.drain_subscriptions(ping) and self.beat and again_at is None:
+                if ping in ready and subscriptions.read() and self.beat and again_at is None:
                     # a new heart hears the current beat at once; a flood of subscriptions
                     # gets it once per AGAIN_GAP (every heart echoes every beat it hears)
                     again_at = max(time.monotonic(), last_sent + AGAIN_GAP)

@@ -145,6 +145,7 @@ class Hub:
         registrar_only.register(self.registrar, zmq.POLLIN)
         registrar_only.register(self.notif, zmq.POLLIN)
         registrar_only.register(peers, zmq.POLLIN)
+        subscriptions = wire.SubscriptionGate(self.notif, (poller, registrar_only))
         next_beat = time.monotonic()
         monitor_due = 0.0
         log.info("hub up: registrar at %s", info.bind_url("registration"))
@@ -156,6 +157,9 @@ class Hub:
                     next_beat = now + BEAT_INTERVAL
                 self._timers(now)
                 timeout = next_beat - now
+                reopen = subscriptions.reopen_at(now)
+                if reopen is not None:
+                    timeout = min(timeout, reopen - now)
                 if self.status_waiting:
                     # a status request waits on the task scheduler's records: read them at
                     # once, not a monitor batch later
@@ -174,7 +178,7 @@ class Hub:
                         ready[self.monitor] = zmq.POLLIN
                 else:
                     ready = dict(poller.poll(max(1, int(timeout * 1000) + 1)))
-                if self.notif in ready and wire.drain_subscriptions(self.notif):
+                if self.notif in ready and subscriptions.read():
                     # a new subscriber gets the live engines at once; a flood of them gets
                     # one answer per ANSWER_GAP, not one per read
                     next_beat = min(next_beat, self.last_live + ANSWER_GAP)
