@@ -13,6 +13,7 @@ import pytest
 import tasks
 from conftest import wait_until
 from zexec import LocalCluster, serialize
+from zexec import client as client_mod
 from zexec.futures import cancel_all
 
 
@@ -161,3 +162,22 @@ def test_large_bytes_round_trip_through_shared_memory(cluster):
     back = ex.submit(tasks.identity, data).result(60)
     assert type(back) is bytes and back == data
     assert os.listdir(ex.client.info.shm_dir) == []  # every buffer file was removed
+
+
+def test_a_flood_of_submits_waits_in_the_client(cluster, tmp_path, monkeypatch):
+    # back-pressure: the task scheduler holds at most MAX_IN_FLIGHT of a client's
+    # tasks; the rest wait in the client, leave as replies come back, and cancel at once
+    monkeypatch.setattr(client_mod, "MAX_IN_FLIGHT", 4)
+    ex = cluster.ex
+    release = str(tmp_path / "release")
+    blockers = [ex.submit(tasks.wait_for_file, release) for _ in range(4)]
+    try:
+        fs = [ex.submit(tasks.touch, str(tmp_path / f"ran{i}"), i) for i in range(20)]
+        assert len(ex.client._held) == 20 and len(ex.client._inflight) == 4
+        assert fs[7].cancel() and fs[7].cancelled()  # dropped where it waits: here
+    finally:
+        open(release, "w").close()
+    assert [f.result(30) for f in blockers] == [None] * 4
+    assert [f.result(30) for i, f in enumerate(fs) if i != 7] == [i for i in range(20) if i != 7]
+    assert not os.path.exists(tmp_path / "ran7")
+    wait_until(lambda: not ex.client._inflight and not ex.client._held, 10, what="the flood to drain")

@@ -70,6 +70,10 @@ DEAD_KEPT = 256
 INTERRUPT_GRACE = 5.0
 #: the longest a batch of a map call's short items may run on one engine
 BATCH_TIME = 0.005
+#: load-balanced tasks a client has at the task scheduler at most; the rest wait here,
+#: as their signed frames, and leave as replies come back (back-pressure: a flood of
+#: submits costs the scheduler no memory, and it keeps dispatching at its own rate)
+MAX_IN_FLIGHT = 2000
 
 _clients: "weakref.WeakSet[Client]" = weakref.WeakSet()
 _CACHEABLE = (types.FunctionType, types.BuiltinFunctionType)
@@ -135,6 +139,8 @@ class Client:
         self._closing = False
         self._fn_cache: collections.OrderedDict = collections.OrderedDict()
         self._runtimes: dict = {}
+        self._held: collections.OrderedDict = collections.OrderedDict()  # msg_id -> frames
+        self._inflight: set = set()  # load-balanced tasks at the scheduler
         self._fn_lock = threading.Lock()
         self._send_lock = threading.Lock()
         self._bad = RateLimitedLog(log)
@@ -372,7 +378,18 @@ class Client:
                 self._direct_frames[msg_id] = frames  # to resend if the MUX device loses it
             with self._send_lock:
                 self.check()
-                wire.send_frames(sock, frames)
+                if target is not None:
+                    wire.send_frames(sock, frames)
+                elif self._held or len(self._inflight) >= MAX_IN_FLIGHT:
+                    self._held[msg_id] = frames  # the IO thread sends it (_release_held)
+                else:
+                    # counted before it leaves: its reply may come back at once
+                    self._inflight.add(msg_id)
+                    try:
+                        wire.send_frames(sock, frames)
+                    except BaseException:
+                        self._inflight.discard(msg_id)
+                        raise
         except BaseException:
             # no engine, a closed client, or interrupted (KeyboardInterrupt, even between
             # two frames: see wire.send_frames): the caller never gets this future, so
@@ -491,16 +508,24 @@ class Client:
                 self._abort_waits[f.msg_id] = verdict
                 groups.setdefault(entry[1], []).append(f.msg_id)
         # aborts follow their tasks on the same socket, so they arrive after them
+        held = []
         with self._send_lock:
             for target, ids in groups.items():
                 if self._broken is not None or self._closing:
                     break
+                if target is None and self._held:
+                    held = [i for i in ids if self._held.pop(i, None) is not None]
+                    ids = [i for i in ids if i not in set(held)] if held else ids
+                    if not ids:
+                        continue
                 msg = self.session.pack("abort_request", {"msg_ids": ids}, reply_to=self.reply_to)
                 if target is None:
                     wire.send_frames(self.task_send, msg)
                 elif target in self._engines:
                     uuid = self._engines[target]["uuid"].encode()
                     wire.send_frames(self.mux_send, [uuid, *msg])
+        if held:
+            self._dropped(held)  # never sent: dropped here
         verdict.event.wait(timeout)
         return verdict.result
 
@@ -526,6 +551,43 @@ class Client:
             verdict.update((f.msg_id, bool(result.get(b.msg_id))) for f in fs)
         result.update(verdict)
         return result
+
+    def _dropped(self, ids) -> None:
+        """Tasks dropped before they ran (an abort's verdict, or still held here)."""
+        inflight = self._inflight
+        for msg_id in ids:
+            inflight.discard(msg_id)
+            entry = self._futures.pop(msg_id, None)
+            self._direct_frames.pop(msg_id, None)
+            w = self._abort_waits.pop(msg_id, None)
+            if entry is not None:
+                if isinstance(w, _Expiry):
+                    _fail(entry[0], w.exc)  # its time limit passed before it started
+                else:
+                    # cancel here, not only in the waiting thread: a verdict that
+                    # comes after its wait timed out must still settle the future
+                    cancel_dropped(entry[0])
+            if w is not None:
+                w.decide(msg_id, True)
+
+    def _release_held(self) -> None:
+        """Send held tasks as the scheduler's share of this client's work drains."""
+        held, inflight = self._held, self._inflight
+        with self._send_lock:
+            while held and len(inflight) < MAX_IN_FLIGHT:
+                if self._broken is not None or self._closing:
+                    return
+                msg_id, frames = held.popitem(last=False)
+                inflight.add(msg_id)
+                wire.send_frames(self.task_send, frames)
+
+    def _fail_held(self, exc: BaseException) -> None:
+        with self._send_lock:
+            ids, self._held = list(self._held), collections.OrderedDict()
+        for msg_id in ids:
+            entry = self._futures.pop(msg_id, None)
+            if entry is not None:
+                _fail(entry[0], exc)
 
     def _wake(self) -> None:
         # one byte per sleep of the IO thread, not per message: it clears the flag
@@ -622,6 +684,8 @@ class Client:
                     if h is None:
                         continue
                     wire.drain(s, h, 5000)
+                if self._held and len(self._inflight) < MAX_IN_FLIGHT:
+                    self._release_held()
                 if self._deadlines:
                     self._expire_due()
                 if self._broken is None and time.monotonic() - self._last_beat > HUB_TIMEOUT:
@@ -691,13 +755,18 @@ class Client:
         with self._send_lock:  # behind its task, on the same socket (see _abort_sync)
             if self._broken is not None or self._closing:
                 return
-            if target is None:
+            held = target is None and self._held.pop(msg_id, None) is not None
+            if held:
+                pass  # never sent: dropped here, below
+            elif target is None:
                 wire.send_frames(self.task_send, msg)
             elif target in self._engines:
                 info = self._engines[target]
                 wire.send_frames(self.mux_send, self.session.pack(
                     "abort_request", {"msg_ids": [msg_id]}, reply_to=self.reply_to,
                     idents=[info["uuid"].encode()]))
+        if held:
+            self._dropped([msg_id])
 
     def _interrupt_io(self, msg_id: str, reason: str, grace: float) -> None:
         """Ask the engine running ``msg_id`` to interrupt it (control channel).
@@ -796,25 +865,15 @@ class Client:
                                                 "and its engine no longer has it"))
             return
         if header.get("msg_type") == "abort_reply":
-            for msg_id in content.get("aborted", ()):
-                entry = self._futures.pop(msg_id, None)
-                self._direct_frames.pop(msg_id, None)
-                w = self._abort_waits.pop(msg_id, None)
-                if entry is not None:
-                    if isinstance(w, _Expiry):
-                        _fail(entry[0], w.exc)  # its time limit passed before it started
-                    else:
-                        # cancel here, not only in the waiting thread: a verdict that
-                        # comes after its wait timed out must still settle the future
-                        cancel_dropped(entry[0])
-                if w is not None:
-                    w.decide(msg_id, True)
+            self._dropped(content.get("aborted", ()))
             for msg_id in content.get("not_found", ()):
                 w = self._abort_waits.pop(msg_id, None)
                 if w is not None:
                     w.decide(msg_id, False)
             return
         entry = self._futures.pop(header.get("parent_id"), None)
+        if self._inflight:
+            self._inflight.discard(header.get("parent_id"))
         if self._direct_frames:
             self._direct_frames.pop(header.get("parent_id"), None)
             self._lost_tries.pop(header.get("parent_id"), None)
@@ -850,6 +909,8 @@ class Client:
                 exc: BaseException = EngineDiedError.from_info(content["engine"])
             elif content.get("ename") == "NoEnginesError":
                 exc = NoEnginesError(str(content.get("evalue", "")))
+                if self._held:
+                    self._fail_held(exc)  # what waits here would meet no engine either
             else:
                 exc = serialize.rebuild_exception(content, rest[4:])
             if content.get("interrupted"):
@@ -1039,6 +1100,8 @@ class Client:
         for fut, _ in list(futures.values()):
             _fail(fut, exc)
         self._direct_frames = {}
+        self._held = collections.OrderedDict()  # their futures failed above
+        self._inflight = set()
         waits, self._abort_waits = self._abort_waits, {}
         for msg_id, w in waits.items():
             w.decide(msg_id, False)

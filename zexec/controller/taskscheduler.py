@@ -49,6 +49,25 @@ STARTED_AFTER = 0.01
 LONG_CHECK = 0.05
 
 
+#: tasks taken in before the scheduler, once idle, returns memory (see _give_back_memory)
+TRIM_AFTER = 10_000
+_libc = None
+
+
+def malloc_trim() -> None:
+    """glibc's malloc_trim(0): free heap pages go back to the system (elsewhere, nothing)."""
+    global _libc
+    if _libc is None:
+        try:
+            import ctypes
+
+            _libc = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _libc = False
+    if _libc:
+        _libc(0)
+
+
 class _Task:
     __slots__ = ("msg_id", "idents", "rest", "retries", "engine", "aborted", "sent", "parent", "reply")
 
@@ -113,6 +132,7 @@ class TaskScheduler:
         self._submitted: list = []
         self._next_flush = 0.0
         self._done: list = []
+        self._taken = 0  # tasks taken in since memory was last given back
         self.n_running = 0  # engines with a reported-started task (cheap test in the loop)
         self.giving_back: dict[str, bytes] = {}  # our abort_request's msg_id -> engine
 
@@ -171,8 +191,20 @@ class TaskScheduler:
                 if self.n_running:
                     self._rebalance()
                 self._flush_records()
+                if self._taken > TRIM_AFTER and not self.tasks:
+                    self._give_back_memory()
         finally:
             ctx.destroy(linger=0)
+
+    def _give_back_memory(self) -> None:
+        """Every task is done after many came in: return the memory they used.
+
+        A dict keeps the table of its largest size, and the C heap keeps freed pages
+        (message frames are malloc'ed): after a flood drained, both go back to the
+        system, so the scheduler's memory returns near its start."""
+        self._taken = 0
+        self.tasks = {}
+        malloc_trim()
 
     _drain = staticmethod(wire.drain)
 
@@ -194,6 +226,7 @@ class TaskScheduler:
             retries = header.get("retries") or 0
             task = _Task(msg_id, idents, rest, retries, _reply_idents(header, idents))
             self.tasks[msg_id] = task
+            self._taken += 1
             self.queue.append(task)
         elif msg_type == "abort_request":
             try:
