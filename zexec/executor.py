@@ -274,6 +274,22 @@ class _ExecutorBase(Executor):
                                "are resolved in the thread that runs it (the shutdown goes "
                                "on without waiting)")
 
+    def _shutdown_view(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Shutdown of an executor that owns no connection (a DirectView, options):
+        refuse new work and wait for its own futures; the connection stays."""
+        with self._shutdown_lock:
+            self._shutdown = True
+        pending = self._wait_pending(cancel_futures)
+        if wait:
+            self._refuse_wait_in_callback()
+            for fut in pending:
+                try:
+                    fut.exception()
+                except BaseException:  # noqa: BLE001 - cancelled or failed: nothing to wait for
+                    pass
+
+    _shutdown_view.__doc__ = Executor.shutdown.__doc__
+
     def _wait_pending(self, cancel_futures: bool) -> list[Future]:
         pending = list(self._pending)
         if cancel_futures:
@@ -519,19 +535,7 @@ class DirectView(_ExecutorBase):
     def engine_id(self) -> int:
         return self._target
 
-    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        with self._shutdown_lock:
-            self._shutdown = True
-        pending = self._wait_pending(cancel_futures)
-        if wait:
-            self._refuse_wait_in_callback()
-            for fut in pending:
-                try:
-                    fut.exception()
-                except BaseException:  # noqa: BLE001
-                    pass
-
-    shutdown.__doc__ = Executor.shutdown.__doc__
+    shutdown = _ExecutorBase._shutdown_view
 
     def __repr__(self) -> str:
         return f"<DirectView engine={self._target}>"
@@ -576,19 +580,7 @@ class _Options(_ExecutorBase):
         self._base._track(fut)  # the executor it came from waits for it on shutdown
         return super()._track(fut)
 
-    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        with self._shutdown_lock:
-            self._shutdown = True
-        pending = self._wait_pending(cancel_futures)
-        if wait:
-            self._refuse_wait_in_callback()
-            for fut in pending:
-                try:
-                    fut.exception()
-                except BaseException:  # noqa: BLE001
-                    pass
-
-    shutdown.__doc__ = Executor.shutdown.__doc__
+    shutdown = _ExecutorBase._shutdown_view
 
     def __repr__(self) -> str:
         return f"<options of {self._base!r}: timeout={self._timeout} retries={self._retries}>"
