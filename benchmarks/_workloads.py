@@ -7,7 +7,9 @@ cluster starts, and zexec's LocalCluster also hands its client's ``sys.path`` to
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import time
 
 
@@ -39,3 +41,17 @@ def run_chunk(fn, chunk):
 
 def getpid() -> int:
     return os.getpid()
+
+
+def run_child(cmd: list, prefix: str, timeout: float) -> dict:
+    """Run one benchmark child process; its result is the JSON on its line starting
+    with ``prefix``, or an error that quotes the end of its stderr."""
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    for line in p.stdout.splitlines():
+        if line.startswith(prefix):
+            return json.loads(line[len(prefix):])
+    tail = " | ".join(p.stderr.strip().splitlines()[-3:])
+    return {"error": f"exit {p.returncode}: {tail}"}

@@ -20,7 +20,6 @@ import argparse
 import gc
 import json
 import os
-import subprocess
 import sys
 import threading
 import time
@@ -121,14 +120,7 @@ def run_child(pool: str, mode: str, n: int) -> int:
 
 def run_pair(pool: str, mode: str, n: int, timeout: float) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", pool, mode, str(n)]
-    try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:.0f} s"}
-    for line in p.stdout.splitlines():
-        if line.startswith(PREFIX):
-            return json.loads(line[len(PREFIX):])
-    return {"error": f"exit {p.returncode}: " + " | ".join(p.stderr.strip().splitlines()[-3:])}
+    return W.run_child(cmd, PREFIX, timeout)
 
 
 def _cells(r: dict) -> list[str]:

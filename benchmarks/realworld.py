@@ -32,7 +32,6 @@ import multiprocessing
 import os
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 
@@ -171,16 +170,10 @@ def run_child(pool: str, workload: str, reps: int) -> int:
 
 # -- the parent: every pair in its own subprocess, then one table ----------------------
 def run_pair(pool: str, workload: str, reps: int, timeout: float) -> dict:
+    from _workloads import run_child  # beside this script
+
     cmd = [sys.executable, os.path.abspath(__file__), "--child", pool, workload, "--reps", str(reps)]
-    try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:.0f} s"}
-    for line in p.stdout.splitlines():
-        if line.startswith(RESULT_PREFIX):
-            return json.loads(line[len(RESULT_PREFIX):])
-    tail = " | ".join(p.stderr.strip().splitlines()[-3:])
-    return {"error": f"exit {p.returncode}: {tail}"}
+    return run_child(cmd, RESULT_PREFIX, timeout)
 
 
 def _ratio(z, p) -> str:
