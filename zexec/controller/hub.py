@@ -284,6 +284,11 @@ class Hub:
                "max_tasks": c.get("max_tasks"), "state": "pending", "ready": False,
                "heart": False, "t_request": time.monotonic(), "registered": None}
         self.engines[uuid] = eng
+        lid = c.get("launcher")
+        if isinstance(lid, str) and lid not in self.launchers and len(self.launchers) < MAX_LAUNCHERS:
+            # its engine set may be killed before its first beat reaches us: known from
+            # its engine, its silence is noticed all the same (its own beat fills in the pid)
+            self.launchers[lid] = {"pid": None, "hostname": eng["hostname"], "last": time.monotonic()}
         self._reply(msg.idents, "registration_reply",
                     {"status": "ok", "id": eid, "addresses": self._addresses(),
                      "heartbeat_period": self.info.heartbeat_period,
@@ -355,6 +360,8 @@ class Hub:
                 return
             rec = self.launchers[lid] = {"pid": c.get("pid"), "hostname": c.get("hostname")}
             log.info("engine set %s up (pid %s on %s)", lid, rec["pid"], rec["hostname"])
+        elif rec["pid"] is None:
+            rec["pid"] = c.get("pid")  # first known through one of its engines
         rec["last"] = time.monotonic()
 
     def _do_launcher_exit(self, msg) -> None:
