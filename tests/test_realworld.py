@@ -76,10 +76,25 @@ def test_the_function_inside_a_callable_is_cached_on_the_engine(cluster):
     assert list(cluster.ex.map(functools.partial(calls, k=0), range(2)))  # load-balanced too
 
 
+def test_a_maps_batches_carry_enough_work_to_pay_for_their_trips():
+    # tiny items (an optimiser's generation): one batch, not one per engine
+    assert client_mod.batch_size(16, 4, 1e-5) == 16
+    assert client_mod.batch_size(3, 4, 1e-5) == 3  # fewer items than engines, too
+    # items with work enough: a share per engine, each batch at least BATCH_MIN long
+    assert client_mod.batch_size(16, 4, 5e-4) == 4
+    assert client_mod.batch_size(16, 4, 1e-4) == 10
+    # many tiny items: batches of at most BATCH_TIME, spread over the engines
+    assert client_mod.batch_size(100_000, 4, 1e-5) == int(client_mod.BATCH_TIME / 1e-5)
+    # long items, or one item: no batch
+    assert client_mod.batch_size(16, 4, 0.01) == 1
+    assert client_mod.batch_size(1, 4, 1e-5) == 1
+
+
 def test_short_items_of_a_map_travel_together_each_with_its_own_outcome(cluster):
     ex = cluster.ex
     assert list(ex.map(tasks.positive, range(12))) == list(range(12))
-    ex.client._ran(tasks.positive, 1e-5)  # known short (a loaded machine may time it longer)
+    key = client_mod._stat_key(tasks.positive)
+    ex.client._runtimes[key] = 1e-3  # known short, with work enough to spread
     fs = ex._submit_items(tasks.positive, [(x,) for x in [0, -1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]])
     batches = {id(f._zbatch) for f in fs}
     assert len(batches) == len(ex.engines)  # one batch per engine, not one task per item
@@ -93,10 +108,28 @@ def test_short_items_of_a_map_travel_together_each_with_its_own_outcome(cluster)
         next(it)
 
 
+def test_a_small_map_of_tiny_items_is_one_batch_and_fails_at_its_own_place(cluster):
+    ex = cluster.ex
+    assert list(ex.map(tasks.positive, range(8))) == list(range(8))
+    ex.client._runtimes[client_mod._stat_key(tasks.positive)] = 1e-5  # known tiny
+    fs = ex._submit_items(tasks.positive, [(x,) for x in [0, 1, 2, -3, 4, 5, 6, 7]])
+    assert len({id(f._zbatch) for f in fs}) == 1  # one trip for the whole call
+    assert [f.result(30) for f in fs[:3]] == [0, 1, 2]
+    with pytest.raises(ValueError, match="negative: -3"):
+        fs[3].result(30)
+    assert [f.result(30) for f in fs[4:]] == [4, 5, 6, 7]
+    ex.client._runtimes[client_mod._stat_key(tasks.positive)] = 1e-5
+    it = ex.map(tasks.positive, [0, 1, -2, 3])
+    assert next(it) == 0 and next(it) == 1
+    with pytest.raises(ValueError, match="negative: -2"):
+        next(it)
+
+
 def test_a_batch_is_cancelled_whole_or_not_at_all(cluster, tmp_path):
     ex = cluster.ex
     ran = str(tmp_path / "ran")
-    ex.client._ran(tasks.touch, 1e-5)  # known short: its maps go in batches
+    # known short, with work enough to spread: its maps go in a batch per engine
+    ex.client._runtimes[client_mod._stat_key(tasks.touch)] = 1e-3
     release = str(tmp_path / "release")
     blockers = [ex.submit(tasks.wait_for_file, release) for _ in range(len(ex.engines) * 20)]
     try:
