@@ -214,3 +214,37 @@ def test_a_flood_of_submits_waits_in_the_client(cluster, tmp_path, monkeypatch):
     assert [f.result(30) for i, f in enumerate(fs) if i != 7] == [i for i in range(20) if i != 7]
     assert not os.path.exists(tmp_path / "ran7")
     wait_until(lambda: not ex.client._inflight and not ex.client._held, 10, what="the flood to drain")
+
+
+def test_a_flood_of_short_tasks_paces_its_submitter(cluster, monkeypatch):
+    # a thread that submits without pause would starve the client's IO thread of the
+    # GIL: past MAX_HELD held tasks it waits until the IO thread has sent half of them
+    monkeypatch.setattr(client_mod, "MAX_IN_FLIGHT", 20)
+    monkeypatch.setattr(client_mod, "MAX_HELD", 40, raising=False)
+    monkeypatch.setattr(client_mod, "PACE_WAIT", 5.0, raising=False)  # gives up only if nothing moves in 5 s
+    monkeypatch.setattr(client_mod, "PACE_MIN", 1, raising=False)
+    ex = cluster.ex
+    client = ex.client
+    most, fs = 0, []
+    for i in range(1500):
+        fs.append(ex.submit(tasks.mul, i, i))
+        most = max(most, len(client._held))
+    assert most <= 40
+    assert client._pacing
+    assert [f.result(60) for f in fs] == [i * i for i in range(1500)]
+
+
+def test_a_flood_of_long_tasks_does_not_hold_up_its_submitter(cluster, tmp_path, monkeypatch):
+    # tasks that free no room stop the pacing: the submit loop returns, as on a pool
+    monkeypatch.setattr(client_mod, "MAX_IN_FLIGHT", 4)
+    monkeypatch.setattr(client_mod, "MAX_HELD", 8)
+    monkeypatch.setattr(client_mod, "PACE_WAIT", 0.2)
+    ex = cluster.ex
+    release = str(tmp_path / "release")
+    try:
+        fs = [ex.submit(tasks.wait_for_file, release) for _ in range(30)]
+        assert len(ex.client._held) == 26 and not ex.client._pacing
+    finally:
+        open(release, "w").close()
+    assert [f.result(60) for f in fs] == [None] * 30
+    wait_until(lambda: ex.client._pacing, 10, what="the pacing to come back once the flood drained")

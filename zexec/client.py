@@ -80,6 +80,17 @@ BATCH_MIN = 0.001
 #: as their signed frames, and leave as replies come back (back-pressure: a flood of
 #: submits costs the scheduler no memory, and it keeps dispatching at its own rate)
 MAX_IN_FLIGHT = 2000
+#: held tasks past which a submitting thread waits (``Client.pace``) until the IO thread
+#: has sent half of them: a thread that submits without pause holds the GIL, and the
+#: IO thread, which gives it up at every socket call, would get it back only once per
+#: switch interval (5 ms): replies would go unread and the scheduler's queue run dry
+MAX_HELD = 2000
+#: a submitting thread waits for room as long as the IO thread sends at least
+#: PACE_MIN held tasks every PACE_WAIT seconds; slower, the tasks are long (their
+#: submitter holds the GIL for little of their time), and it no longer waits (until
+#: the held tasks are down to half again)
+PACE_WAIT = 0.5
+PACE_MIN = 50
 
 _clients: "weakref.WeakSet[Client]" = weakref.WeakSet()
 _CACHEABLE = (types.FunctionType, types.BuiltinFunctionType)
@@ -165,6 +176,9 @@ class Client:
         self._runtimes: dict = {}
         self._held: collections.OrderedDict = collections.OrderedDict()  # msg_id -> frames
         self._inflight: set = set()  # load-balanced tasks at the scheduler
+        self._room = threading.Condition(threading.Lock())  # the IO thread sent held tasks
+        self._pacing = True  # False once a wait for room timed out (see pace)
+        self._released = 0  # held tasks sent so far (see pace)
         self._fn_lock = threading.Lock()
         self._send_lock = threading.Lock()
         self._bad = RateLimitedLog(log)
@@ -267,6 +281,31 @@ class Client:
             raise self._broken
         if self._closing:
             raise RuntimeError("cannot schedule new futures after the client was closed")
+
+    def pace(self) -> None:
+        """Wait, before a load-balanced submit, while MAX_HELD tasks wait here unsent.
+
+        Back-pressure on the submitting thread: it goes on once the IO thread has sent
+        half of them, so replies are read and the task scheduler stays fed while a
+        flood is submitted.  Never in the IO thread (a done-callback that submits), and
+        only while the tasks go fast: when fewer than PACE_MIN leave in PACE_WAIT, the
+        tasks are long, and the caller no longer waits until the held tasks are down
+        to half (a submit loop of long tasks returns at once, as on a process pool).
+        """
+        if len(self._held) < MAX_HELD or not self._pacing or self._broken is not None \
+                or threading.current_thread() is self._thread:
+            return
+        with self._room:
+            mark, deadline = self._released, time.monotonic() + PACE_WAIT
+            while len(self._held) > MAX_HELD // 2 and self._broken is None and not self._closing:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    if self._released - mark < PACE_MIN:
+                        self._pacing = False
+                        return
+                    mark, deadline = self._released, time.monotonic() + PACE_WAIT
+                    continue
+                self._room.wait(left)
 
     def _pack_fn(self, fn: Callable, refs: dict) -> tuple[str, list]:
         """Pickle each function once per client; engines cache it by its key.
@@ -600,10 +639,20 @@ class Client:
                 msg_id, frames = held.popitem(last=False)
                 inflight.add(msg_id)
                 wire.send_frames(self.task_send, frames)
+                self._released += 1
+        if len(held) <= MAX_HELD // 2:
+            self._make_room()
+
+    def _make_room(self) -> None:
+        """Wake the threads waiting in ``pace`` (and let them wait again later)."""
+        with self._room:
+            self._pacing = True
+            self._room.notify_all()
 
     def _fail_held(self, exc: BaseException) -> None:
         with self._send_lock:
             ids, self._held = list(self._held), collections.OrderedDict()
+        self._make_room()
         for msg_id in ids:
             entry = self._futures.pop(msg_id, None)
             if entry is not None:
@@ -703,7 +752,10 @@ class Client:
                     h = handlers.get(s)
                     if h is None:
                         continue
-                    wire.drain(s, h, 5000)
+                    if s is self.task and self._held:
+                        self._drain_releasing(s, h)
+                    else:
+                        wire.drain(s, h, 5000)
                 if self._held and len(self._inflight) < MAX_IN_FLIGHT:
                     self._release_held()
                 if self._deadlines:
@@ -729,6 +781,16 @@ class Client:
                 self.ctx.destroy(linger=0)
             os.close(self._wake_r)
             os.close(self._wake_w)
+
+    def _drain_releasing(self, sock: zmq.Socket, handler) -> None:
+        """Read replies in small batches and send held tasks between them: the
+        scheduler's queue must not run dry while thousands of replies are read."""
+        for _ in range(20):
+            n = wire.drain(sock, handler, 250)
+            if self._held and len(self._inflight) < MAX_IN_FLIGHT:
+                self._release_held()
+            if n < 250:
+                return
 
     def _poll_ms(self) -> int:
         """Until the next time limit, at most 500 ms (the loop's usual wait)."""
@@ -1122,6 +1184,7 @@ class Client:
         self._direct_frames = {}
         self._held = collections.OrderedDict()  # their futures failed above
         self._inflight = set()
+        self._make_room()
         waits, self._abort_waits = self._abort_waits, {}
         for msg_id, w in waits.items():
             w.decide(msg_id, False)

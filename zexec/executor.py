@@ -103,6 +103,8 @@ class _ExecutorBase(Executor):
                                    grace=self._grace if grace is None else grace, batch=batch)
 
     def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> Future:
+        if self._target is None:
+            self._client.pace()  # a flood waits here for room, holding no lock
         with self._shutdown_lock:
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
@@ -210,6 +212,8 @@ class _ExecutorBase(Executor):
             fs = []
             it = zip(*iterables)
             while chunk := tuple(itertools.islice(it, chunksize)):
+                if self._target is None:
+                    self._client.pace()
                 with self._shutdown_lock:
                     if self._shutdown:
                         raise RuntimeError("cannot schedule new futures after shutdown")
