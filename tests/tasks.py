@@ -207,3 +207,10 @@ def is_loaded(name):
     import sys
 
     return name in sys.modules
+
+
+def main_attr(name):
+    """An attribute of the engine's ``__main__`` (None if it has none)."""
+    import sys
+
+    return getattr(sys.modules["__main__"], name, None)

@@ -164,7 +164,7 @@ def test_main_imports_names_what_the_script_imported(monkeypatch):
 @pytest.mark.timeout(90)
 def test_engines_start_with_the_preloaded_modules(no_leaks):
     # colorsys: a module nothing in zexec or the tests imports
-    cluster = LocalCluster(1, preload=["colorsys", "no_such_module_zexec_test"])
+    cluster = LocalCluster(1, start_method="spawn", preload=["colorsys", "no_such_module_zexec_test"])
     with cluster as ex:
         pid = ex.submit(tasks.getpid).result(30)
         assert ex.submit(tasks.is_loaded, "colorsys").result(30)  # before any task imported it

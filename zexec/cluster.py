@@ -1,14 +1,20 @@
 """LocalCluster: a whole cluster on this machine, started and stopped as one.
 
 It writes a connection file (mode 0600, in a private temporary directory), starts
-``python -m zexec controller`` (which forks the hub, heartbeat monitor, MUX, control,
-IOPub and task scheduler) and ``python -m zexec engine -n N`` (which forks the engines
-and replaces any that die), waits until N engines are registered, and on exit stops
-every process.  Each child also exits when this process dies, even by SIGKILL.
+``zexec controller`` (which forks the hub, heartbeat monitor, MUX, control, IOPub and
+task scheduler) and ``zexec engine -n N`` (which forks the engines and replaces any
+that die), waits until N engines are registered, and on exit stops every process.
+Each child also exits when this process dies, even by SIGKILL.
+
+The two commands run either in processes forked from this one (``start_method="fork"``,
+the default on Linux: see zexec.forked), so the engines start with everything this
+program has imported, or as fresh interpreters (``"spawn"``: ``python -m zexec ...``),
+whose engine set imports the script's modules itself (``preload``).
 """
 
 from __future__ import annotations
 
+import functools
 import glob
 import multiprocessing
 import os
@@ -24,6 +30,7 @@ import weakref
 from typing import Any, Callable, Sequence
 
 from . import executor as _executor
+from . import forked
 from ._proc import tail
 from .connection import AUTHKEY_ENV, ConnectionInfo, allocate, ipc_fits, new_curve_keys, new_key
 from .errors import (ClusterLostError, ClusterStartError, EngineSetDiedError, InitializerError,
@@ -33,6 +40,14 @@ from .protocol import Signer
 
 #: the first line of a log record (zexec._proc.setup_logging's format)
 _LOG_RECORD = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ ")
+
+START_METHODS = ("fork", "spawn")
+
+
+def default_start_method() -> str:
+    """``"fork"`` where it is the safe default of multiprocessing too (POSIX but macOS,
+    whose system libraries do not survive a fork), else ``"spawn"``."""
+    return "fork" if hasattr(os, "fork") and sys.platform != "darwin" else "spawn"
 
 
 def main_imports() -> list[str]:
@@ -65,10 +80,18 @@ class LocalCluster:
     ``n`` engines alive (new ids) when some die; ``retries`` resubmits load-balanced
     tasks of a dead engine; ``scheme`` picks how the executor balances (see
     :class:`ZmqExecutor`); ``heartbeat_period × heartbeat_misses`` bounds how long a
-    hung engine may stay silent before it is declared dead.  ``preload``: the modules
-    the engine set imports before it forks the engines, so each engine starts with
-    them loaded (True, the default: what this script's ``__main__`` imported, see
-    :func:`main_imports`; or a list of module names; or False).
+    hung engine may stay silent before it is declared dead.
+
+    ``start_method``: ``"fork"`` (the default on Linux, see :func:`default_start_method`)
+    forks the controller and the engine set from this process, as multiprocessing's fork
+    method starts workers: the engines, replacements and recycled ones included, start
+    with every module this program had imported when the cluster started, and
+    ``__main__`` as it was.  ``"spawn"`` starts them as fresh interpreters
+    (``python -m zexec ...``), for a process that must not be forked (one that holds
+    a CUDA context, say); ``preload`` then names the modules the engine set imports
+    before it forks the engines, so each engine starts with them loaded (True, the
+    default: what this script's ``__main__`` imported, see :func:`main_imports`; or a
+    list of module names; or False).  With fork, a ``preload`` list is imported too.
     """
 
     def __init__(self, n: int | None = None, *, transport: str | None = None,
@@ -78,7 +101,13 @@ class LocalCluster:
                  startup_timeout: float = 60.0, hwm: int | None = None,
                  forward_output: bool = True, curve: bool = False,
                  no_engine_timeout: float = 30.0, scheme: str = "leastload",
-                 preload: Sequence[str] | bool = True) -> None:
+                 preload: Sequence[str] | bool = True, start_method: str | None = None) -> None:
+        if start_method is None:
+            start_method = default_start_method()
+        elif start_method not in START_METHODS:
+            raise ValueError(f"start_method must be one of {START_METHODS}, not {start_method!r}")
+        elif start_method == "fork" and not hasattr(os, "fork"):
+            raise ValueError("start_method='fork' needs os.fork (POSIX)")
         if n is None:
             n = os.cpu_count() or 1
         elif n <= 0:
@@ -101,11 +130,12 @@ class LocalCluster:
         self.curve = curve
         self.no_engine_timeout = no_engine_timeout
         self.preload = preload
+        self.start_method = start_method
         self.dir: str | None = None
         self.shm_dir: str | None = None
         self.ipc_dir: str | None = None  # the sockets' own directory, when self.dir is too deep
         self.connection_file: str | None = None
-        self.procs: dict[str, subprocess.Popen] = {}
+        self.procs: dict[str, subprocess.Popen | forked.ForkedProcess] = {}
         self.logs: dict[str, str] = {}
         self._executor: ZmqExecutor | None = None
 
@@ -130,37 +160,36 @@ class LocalCluster:
                 self.ipc_dir = ipc_dir = tempfile.mkdtemp(prefix="zexec-", dir="/tmp")
             info = allocate(info, ipc_dir=ipc_dir)
             self.connection_file = info.write(os.path.join(self.dir, "cluster.json"))
-            env = dict(os.environ)
-            # engines import what this process can: the same sys.path, as a spawned worker would
-            paths = [p or os.getcwd() for p in sys.path]
-            env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
-            env.setdefault("PYTHONUNBUFFERED", "1")
-            # -P: ``-m`` would put the working directory first on their path, ahead of ours,
-            # and a module there would shadow the one this process imported (3.11+)
-            py = [sys.executable, *(("-P",) if sys.version_info >= (3, 11) else ()), "-m", "zexec"]
             common = ["--connection-file", self.connection_file, "--parent-pid", str(os.getpid())]
-            ctl = [*py, "controller", "--reuse", *common, "--cleanup", self.dir]
+            ctl = ["controller", "--reuse", *common, "--cleanup", self.dir]
             for extra in (self.shm_dir, self.ipc_dir):
                 if extra:
                     ctl += ["--cleanup", extra]
             if self.hwm:
                 ctl += ["--hwm", str(self.hwm)]
             ctl += ["--no-engine-timeout", str(self.no_engine_timeout)]
-            eng = [*py, "engine", "-n", str(self.n), "--log-dir", self.dir, *common]
+            eng = ["engine", "-n", str(self.n), "--log-dir", self.dir, *common]
             if self.replace:
                 eng.append("--replace")
             if self.max_tasks_per_child:
                 eng += ["--max-tasks", str(self.max_tasks_per_child)]
-            modules = main_imports() if self.preload is True else list(self.preload or ())
+            # forked, the engine set has this program's modules already: only a list
+            # given by name is imported (what it names may not be imported here yet)
+            if self.preload is True:
+                modules = main_imports() if self.start_method == "spawn" else []
+            else:
+                modules = list(self.preload or ())
             if modules:
                 eng += ["--preload", ",".join(modules)]
             if self.initializer is not None:
                 eng += ["--init-file", self._write_init(info)]
-            self._spawn("controller", ctl, env)
-            # the engines take this process's multiprocessing authkey, as a process
-            # pool's workers do (only the engine set's environment carries it)
-            eng_env = dict(env, **{AUTHKEY_ENV: bytes(multiprocessing.current_process().authkey).hex()})
-            self._spawn("engines", eng, eng_env)
+            if self.start_method == "fork":
+                # the engine set first: the controller's start is the longer one, and
+                # the engines wait for it (they retry connecting until it binds)
+                self._fork("engines", eng)
+                self._fork("controller", ctl)
+            else:
+                self._spawn_both(ctl, eng)
         except BaseException:
             # nothing half-made is left: not the processes, nor the directory that holds
             # the key (an initializer that cannot be pickled fails here, for one)
@@ -180,6 +209,28 @@ class LocalCluster:
         with os.fdopen(fd, "wb") as f:
             f.write(Signer(info.key_bytes).sign([data]) + b"\n" + data)
         return path
+
+    def _spawn_both(self, ctl: list, eng: list) -> None:
+        env = dict(os.environ)
+        # engines import what this process can: the same sys.path, as a spawned worker would
+        paths = [p or os.getcwd() for p in sys.path]
+        env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        # -P: ``-m`` would put the working directory first on their path, ahead of ours,
+        # and a module there would shadow the one this process imported (3.11+)
+        py = [sys.executable, *(("-P",) if sys.version_info >= (3, 11) else ()), "-m", "zexec"]
+        self._spawn("controller", [*py, *ctl], env)
+        # the engines take this process's multiprocessing authkey, as a process
+        # pool's workers do (only the engine set's environment carries it; a forked
+        # engine set has it in memory)
+        eng_env = dict(env, **{AUTHKEY_ENV: bytes(multiprocessing.current_process().authkey).hex()})
+        self._spawn("engines", [*py, *eng], eng_env)
+
+    def _fork(self, name: str, argv: list) -> None:
+        log_path = os.path.join(self.dir, f"{name}.log")
+        self.logs[name] = log_path
+        self.procs[name] = forked.start(functools.partial(_command, argv), log_path,
+                                        args=["zexec", *argv])
 
     def _spawn(self, name: str, cmd: list, env: dict) -> None:
         log_path = os.path.join(self.dir, f"{name}.log")
@@ -322,6 +373,13 @@ class LocalCluster:
     def __del__(self) -> None:
         if getattr(self, "procs", None):  # None: __init__ refused its arguments
             self.stop(timeout=1.0)
+
+
+def _command(argv: list) -> int:
+    """In a forked child: what ``python -m zexec ARGV`` runs."""
+    from .__main__ import main
+
+    return main(argv)
 
 
 def _how_it_ended(rc: int) -> str:

@@ -348,6 +348,11 @@ class ZmqExecutor(_ExecutorBase):
             if _cluster_factory is None:
                 raise ClusterStartError("zexec.cluster is not imported")
             n = max_workers or os.cpu_count() or 1
+            if mp_context is not None and "start_method" not in cluster_kwargs:
+                # a pool's mp_context says how its workers start: fork, or not at all
+                # from this process (spawn, forkserver: a fresh interpreter that preloads)
+                method = mp_context.get_start_method()
+                cluster_kwargs["start_method"] = "fork" if method == "fork" else "spawn"
             self._cluster = _cluster_factory(n, initializer=initializer, initargs=initargs,
                                              max_tasks_per_child=max_tasks_per_child,
                                              **cluster_kwargs)

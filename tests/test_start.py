@@ -1,0 +1,158 @@
+"""LocalCluster's start methods: processes forked from this one ("fork"), whose engines
+start with this program's modules, or fresh interpreters ("spawn")."""
+
+from __future__ import annotations
+
+import atexit
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+
+import psutil
+import pytest
+
+import tasks
+from conftest import wait_until
+from zexec import LocalCluster, ZmqExecutor
+from zexec.forked import ForkedProcess
+
+#: a module nothing in zexec, the tests' helpers or pytest imports
+ONLY_HERE = "colorsys"
+
+
+def _on_engine(ex, fn, *args):
+    return ex.submit(fn, *args).result(30)
+
+
+@pytest.mark.timeout(90)
+def test_forked_engines_start_with_this_programs_modules(no_leaks, monkeypatch):
+    import colorsys  # noqa: F401 - imported by this program only
+
+    # __main__ as it is: an attribute the script set at run time, no module import gives
+    monkeypatch.setattr(sys.modules["__main__"], "zexec_start_mark", "as it was", raising=False)
+    cluster = LocalCluster(1, start_method="fork", preload=False)  # nothing named to import
+    with cluster as ex:
+        assert isinstance(cluster.procs["engines"], ForkedProcess)
+        assert isinstance(cluster.procs["controller"], ForkedProcess)
+        pid = _on_engine(ex, tasks.getpid)
+        assert psutil.Process(pid).ppid() == cluster.procs["engines"].pid
+        assert _on_engine(ex, tasks.is_loaded, ONLY_HERE)  # at its first task
+        assert _on_engine(ex, tasks.main_attr, "zexec_start_mark") == "as it was"
+        first = ex.engines
+        os.kill(pid, signal.SIGKILL)  # the replacement is forked warm too
+        wait_until(lambda: ex.engines and ex.engines != first, 30, what="a replacement engine")
+        assert _on_engine(ex, tasks.getpid) != pid
+        assert _on_engine(ex, tasks.is_loaded, ONLY_HERE)
+        assert _on_engine(ex, tasks.main_attr, "zexec_start_mark") == "as it was"
+
+
+@pytest.mark.timeout(90)
+def test_recycled_forked_engines_start_warm(no_leaks):
+    import colorsys  # noqa: F401
+
+    with LocalCluster(1, start_method="fork", preload=False, max_tasks_per_child=1) as ex:
+        pids = set()
+        for _ in range(3):  # each task on a new engine
+            pids.add(_on_engine(ex, tasks.getpid))
+            assert _on_engine(ex, tasks.is_loaded, ONLY_HERE)
+        assert len(pids) == 3
+
+
+@pytest.mark.timeout(90)
+def test_spawned_engines_are_fresh_interpreters(no_leaks):
+    import colorsys  # noqa: F401
+
+    cluster = LocalCluster(1, start_method="spawn", preload=False)
+    with cluster as ex:
+        assert isinstance(cluster.procs["engines"], subprocess.Popen)
+        assert not _on_engine(ex, tasks.is_loaded, ONLY_HERE)
+        assert _on_engine(ex, tasks.main_attr, "__name__") == "__main__"
+        assert _on_engine(ex, tasks.main_attr, "__file__").endswith(os.path.join("zexec", "__main__.py"))
+
+
+@pytest.mark.timeout(90)
+def test_forked_processes_leave_without_this_programs_exit_handlers(no_leaks, tmp_path):
+    # they leave with os._exit, as multiprocessing's forked children do: an atexit
+    # handler of this program (flushing its files, removing its lock) is not theirs
+    me = os.getpid()
+
+    def mark() -> None:
+        if os.getpid() != me:
+            open(tmp_path / f"exit-{os.getpid()}", "w").close()
+
+    atexit.register(mark)
+    try:
+        cluster = LocalCluster(2, start_method="fork")
+        with cluster as ex:
+            first = ex.engines
+            os.kill(_on_engine(ex, tasks.getpid), signal.SIGKILL)
+            wait_until(lambda: len(ex.engines) == 2 and ex.engines != first, 30,
+                       what="a replacement engine")
+        # stop() has waited for the engine set and the controller to exit
+        assert not list(tmp_path.iterdir()), "a forked process ran this program's atexit handlers"
+    finally:
+        atexit.unregister(mark)
+
+
+def test_forked_process_handle_reports_how_it_ended():
+    from zexec import forked
+
+    p = forked.start(lambda: 7, os.devnull)
+    assert p.wait(30) == 7 and p.poll() == 7 and p.returncode == 7
+    p.kill()  # reaped: not signalled again (its pid may be another process's now)
+
+    def sleep_forever():
+        signal.pause()
+
+    p = forked.start(sleep_forever, os.devnull)
+    with pytest.raises(subprocess.TimeoutExpired):
+        p.wait(0.05)
+    assert p.poll() is None
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(30) == -signal.SIGTERM
+
+    p = forked.start(sleep_forever, os.devnull)
+    try:  # a session and process group of its own, as start_new_session=True gives
+        wait_until(lambda: os.getsid(p.pid) == p.pid, 30, what="the child's setsid")
+        assert os.getpgid(p.pid) == p.pid
+    finally:
+        p.kill()
+        assert p.wait(30) == -signal.SIGKILL
+
+
+def test_forked_child_writes_its_output_and_errors_to_its_log(tmp_path, capfd):
+    from zexec import forked
+
+    log = tmp_path / "child.log"
+
+    def fails():
+        print("from the child")
+        raise RuntimeError("boom in the child")
+
+    p = forked.start(fails, str(log))
+    assert p.wait(30) == 1
+    text = log.read_text()
+    assert "from the child" in text and "RuntimeError: boom in the child" in text
+    out, err = capfd.readouterr()
+    assert "child" not in out + err  # nothing on this process's streams
+
+
+def test_start_method_is_checked():
+    with pytest.raises(ValueError, match="start_method must be one of"):
+        LocalCluster(1, start_method="forkserver")
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("method, expected", [("spawn", "spawn"), ("forkserver", "spawn"),
+                                              ("fork", "fork")])
+def test_mp_context_picks_the_start_method(no_leaks, method, expected):
+    # ProcessPoolExecutor(mp_context=...): a program that asked for spawn (it must not
+    # be forked) gets engines that are not forked from it
+    ex = ZmqExecutor(max_workers=1, mp_context=multiprocessing.get_context(method))
+    try:
+        assert ex.cluster.start_method == expected
+        assert ex.submit(pow, 2, 5).result(30) == 32
+    finally:
+        ex.shutdown()
