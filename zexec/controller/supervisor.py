@@ -31,18 +31,16 @@ STOPPED_LIMIT = 2.0
 
 
 def _run_part(name: str, info: ConnectionInfo, hwm: int | None, no_engine_timeout: float) -> None:
+    from . import devices, heartbeat, hub, taskscheduler
+
     if name == "hub":
-        from .hub import main
-        main(info)
+        hub.main(info)
     elif name == "heartbeat":
-        from .heartbeat import main
-        main(info)
+        heartbeat.main(info)
     elif name == "task":
-        from .taskscheduler import main
-        main(info, hwm, no_engine_timeout)
+        taskscheduler.main(info, hwm, no_engine_timeout)
     else:
-        from .devices import main
-        main(info, name)
+        devices.main(info, name)
 
 
 def _fork_part(name: str, info: ConnectionInfo, hwm: int | None, no_engine_timeout: float) -> int:
@@ -99,6 +97,10 @@ def run(info: ConnectionInfo, hwm: int | None = None, parent_pid: int = 0,
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    # imported once, here: six parts each importing its own after the fork would
+    # compete for the cores the engines start on, and the hub (the last ready) sets
+    # when the first engine can register
+    from . import devices, heartbeat, hub, taskscheduler  # noqa: F401
     for name in PARTS:
         children[_fork_part(name, info, hwm, no_engine_timeout)] = name
     log.info("controller up: %s", ", ".join(f"{n}={p}" for p, n in children.items()))
