@@ -7,7 +7,9 @@ of sending them (``submit``: ``fs = [ex.submit(noop) for ...]`` then every resul
 (``ZmqExecutor(max_workers=4)``) and on ProcessPoolExecutor (fork), each run in its own
 fresh subprocess: the time, and the resident memory (RSS, psutil, sampled every 50 ms)
 of the client, of the task scheduler and of the largest other controller process, at
-the start, at the peak, and 2 s after the last result (the futures dropped).
+the start, at the peak, and 2 s after the last result (the futures dropped); and the
+controller process (hub, heartbeat, MUX, control, IOPub, task scheduler) that kept the
+most of what it took: its growth from start to after.
 
     python benchmarks/growth.py                   # 10k and 100k (a few minutes)
     python benchmarks/growth.py --million         # also 1M (add ~10 minutes)
@@ -125,7 +127,7 @@ def run_pair(pool: str, mode: str, n: int, timeout: float) -> dict:
 
 def _cells(r: dict) -> list[str]:
     if "error" in r:
-        return [r["error"]] + [""] * 8
+        return [r["error"]] + [""] * 9
     s, pk, a = r["start"], r["peak"], r["after"]
     others = [k for k in s if k != "client" and k != "task"]
 
@@ -135,10 +137,17 @@ def _cells(r: dict) -> list[str]:
     def worst(d):
         return f"{max(d[k] for k in others):.0f}" if others else "—"
 
+    def kept():
+        grown = [(a[k] - s[k], k) for k in s if k != "client" and k in a]
+        if not grown:
+            return "—"
+        d, k = max(grown)
+        return f"{k} {d:+.0f}"
+
     rate = r["n"] / r["elapsed"]
     return [f"{r['elapsed']:.1f}", f"{rate:,.0f}", mem(s, "client"), mem(pk, "client"),
             mem(a, "client"), mem(s, "task"), mem(pk, "task"), mem(a, "task"),
-            f"{worst(s)} / {worst(pk)} / {worst(a)}"]
+            f"{worst(s)} / {worst(pk)} / {worst(a)}", kept()]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [int(x) for x in args.sizes.split(",") if x] + ([1_000_000] if args.million else [])
     head = ["pool", "mode", "tasks", "s", "tasks/s", "client MiB start", "client peak",
             "client after", "task sched. start", "task sched. peak", "task sched. after",
-            "other ctl. max start / peak / after"]
+            "other ctl. max start / peak / after", "ctl. most kept (after - start)"]
     rows = []
     for n in sizes:
         for mode in args.modes.split(","):
@@ -168,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows:
         print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
     print("\nRSS in MiB; 'after' = 2 s after the last result, futures dropped. PPE has no "
-          "controller: its 'task sched.' columns are empty; 'other' is its largest worker.")
+          "controller: its 'task sched.' columns are empty; 'other' is its largest worker, "
+          "and 'most kept' its worker that kept the most.")
     return 0
 
 

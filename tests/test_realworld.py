@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import functools
 import os
 import signal
@@ -248,3 +249,27 @@ def test_a_flood_of_long_tasks_does_not_hold_up_its_submitter(cluster, tmp_path,
         open(release, "w").close()
     assert [f.result(60) for f in fs] == [None] * 30
     wait_until(lambda: ex.client._pacing, 10, what="the pacing to come back once the flood drained")
+
+
+def test_a_drained_flood_gives_the_client_registries_back(cluster, tmp_path, monkeypatch):
+    # a dict or set keeps the table of its largest size: once nothing is pending after
+    # a flood, the client rebuilds its registries (and trims the C heap)
+    monkeypatch.setattr(client_mod, "MAX_IN_FLIGHT", 4)
+    monkeypatch.setattr(client_mod, "TRIM_AFTER", 1000, raising=False)
+    ex = cluster.ex
+    client = ex.client
+    empty = (sys.getsizeof({}), sys.getsizeof(collections.OrderedDict()), sys.getsizeof(set()))
+    release = str(tmp_path / "release")
+    try:
+        blockers = [ex.submit(tasks.wait_for_file, release) for _ in range(4)]
+        fs = [ex.submit(tasks.mul, i, 2) for i in range(5000)]
+        assert len(client._held) == 5000  # the registries are grown
+    finally:
+        open(release, "w").close()
+    assert [f.result(60) for f in blockers] == [None] * 4
+    assert [f.result(60) for f in fs] == [2 * i for i in range(5000)]
+    del fs
+    wait_until(lambda: (sys.getsizeof(client._futures), sys.getsizeof(client._held),
+                        sys.getsizeof(client._inflight)) == empty, 10,
+               what="the registries to be rebuilt empty")
+    assert ex.submit(tasks.mul, 3, 4).result(30) == 12  # and the client goes on

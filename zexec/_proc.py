@@ -1,4 +1,5 @@
-"""Process plumbing shared by every zexec process: logging, and dying with the parent."""
+"""Process plumbing shared by every zexec process: logging, dying with the parent, and
+giving memory back."""
 
 from __future__ import annotations
 
@@ -21,6 +22,24 @@ def setup_logging(level: int | str = None) -> None:
     handler.setFormatter(logging.Formatter(_FORMAT))
     root.addHandler(handler)
     root.setLevel(level)
+
+
+_malloc_trim = None
+
+
+def malloc_trim() -> None:
+    """glibc's malloc_trim(0): free heap pages go back to the system (elsewhere, nothing).
+
+    Message frames are malloc'ed: after a flood, the heap keeps the pages they used
+    until this is called."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
 
 
 def tail(path: str, lines: int = 20) -> str:

@@ -48,6 +48,7 @@ from typing import Any, Callable
 import zmq
 
 from . import serialize, wire
+from ._proc import malloc_trim
 from .connection import ConnectionInfo, secure
 from .errors import (ClusterLostError, EngineDiedError, InitializerError, NoEnginesError,
                      ProtocolError, RemoteTraceback, TaskInterrupted, ZexecError)
@@ -91,6 +92,9 @@ MAX_HELD = 2000
 #: the held tasks are down to half again)
 PACE_WAIT = 0.5
 PACE_MIN = 50
+#: replies after which the client, once nothing is pending, gives memory back
+#: (see _give_back_memory)
+TRIM_AFTER = 10_000
 
 _clients: "weakref.WeakSet[Client]" = weakref.WeakSet()
 _CACHEABLE = (types.FunctionType, types.BuiltinFunctionType)
@@ -179,6 +183,7 @@ class Client:
         self._room = threading.Condition(threading.Lock())  # the IO thread sent held tasks
         self._pacing = True  # False once a wait for room timed out (see pace)
         self._released = 0  # held tasks sent so far (see pace)
+        self._replies = 0  # replies since memory was last given back
         self._fn_lock = threading.Lock()
         self._send_lock = threading.Lock()
         self._bad = RateLimitedLog(log)
@@ -437,6 +442,9 @@ class Client:
                 self._direct_frames[msg_id] = frames  # to resend if the MUX device loses it
             with self._send_lock:
                 self.check()
+                if futures is not self._futures:
+                    # the IO thread rebuilt the registry since (_give_back_memory)
+                    self._futures[msg_id] = (fut, target)
                 if target is not None:
                     wire.send_frames(sock, frames)
                 elif self._held or len(self._inflight) >= MAX_IN_FLIGHT:
@@ -454,6 +462,7 @@ class Client:
             # two frames: see wire.send_frames): the caller never gets this future, so
             # nothing may wait for its reply or keep its shared memory
             futures.pop(msg_id, None)
+            self._futures.pop(msg_id, None)
             self._direct_frames.pop(msg_id, None)
             if msg_id in self._shm_out:
                 self._shm_done(msg_id, list(self._shm_out[msg_id]))
@@ -758,6 +767,8 @@ class Client:
                         wire.drain(s, h, 5000)
                 if self._held and len(self._inflight) < MAX_IN_FLIGHT:
                     self._release_held()
+                if self._replies > TRIM_AFTER and not self._futures and not self._held:
+                    self._give_back_memory()
                 if self._deadlines:
                     self._expire_due()
                 if self._broken is None and time.monotonic() - self._last_beat > HUB_TIMEOUT:
@@ -781,6 +792,20 @@ class Client:
                 self.ctx.destroy(linger=0)
             os.close(self._wake_r)
             os.close(self._wake_w)
+
+    def _give_back_memory(self) -> None:
+        """Nothing is pending after many tasks: return the memory they used.
+
+        A dict or set keeps the table of its largest size, and the C heap keeps freed
+        pages (message frames are malloc'ed): after a flood drained, the registries are
+        rebuilt at their size now (empty, or a task being submitted, which ``submit``
+        registers again if it missed the new one) and the heap is trimmed."""
+        with self._send_lock:
+            self._replies = 0
+            self._futures = dict(self._futures)
+            self._held = collections.OrderedDict(self._held)
+            self._inflight = set(self._inflight)
+        malloc_trim()
 
     def _drain_releasing(self, sock: zmq.Socket, handler) -> None:
         """Read replies in small batches and send held tasks between them: the
@@ -954,6 +979,7 @@ class Client:
                     w.decide(msg_id, False)
             return
         entry = self._futures.pop(header.get("parent_id"), None)
+        self._replies += 1
         if self._inflight:
             self._inflight.discard(header.get("parent_id"))
         if self._direct_frames:

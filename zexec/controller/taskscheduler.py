@@ -28,6 +28,7 @@ import time
 
 import zmq
 
+from .._proc import malloc_trim
 from ..connection import ConnectionInfo, secure
 from ..errors import ProtocolError
 from .. import wire
@@ -51,21 +52,6 @@ LONG_CHECK = 0.05
 
 #: tasks taken in before the scheduler, once idle, returns memory (see _give_back_memory)
 TRIM_AFTER = 10_000
-_libc = None
-
-
-def malloc_trim() -> None:
-    """glibc's malloc_trim(0): free heap pages go back to the system (elsewhere, nothing)."""
-    global _libc
-    if _libc is None:
-        try:
-            import ctypes
-
-            _libc = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _libc = False
-    if _libc:
-        _libc(0)
 
 
 class _Task:
