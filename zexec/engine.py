@@ -431,7 +431,8 @@ class Engine:
         if kind == "apply_request" and sock in (self.task_sock, self.mux):
             self.queue.append((sock, idents, rest, header))
         elif kind == "abort_request":
-            self._abort(sock, idents, rest[1], header, set(content["msg_ids"]))
+            self._abort(sock, idents, rest[1], header, set(content["msg_ids"]),
+                        give_back=sock is self.task_sock and content.get("give_back") is True)
         elif kind == "resend_request" and sock is self.mux:
             self._resend(idents, rest[1], header, content["msg_ids"])
         elif kind == "interrupt_request" and sock is self.control:
@@ -459,11 +460,15 @@ class Engine:
         content, frames = serialize.exception_frames(err)
         self._reply(sock, idents, rest[1], header, content, frames, None, None)
 
-    def _abort(self, sock, idents, parent, header, ids: set) -> None:
+    def _abort(self, sock, idents, parent, header, ids: set, give_back: bool = False) -> None:
         """Drop queued tasks named in ``ids``; answer which were dropped and which not.
 
         An abort travels behind its task on the same socket, so a task that is not in
         the queue now has already started (or finished): it is reported not found.
+        With ``give_back`` (the task scheduler takes them back to run elsewhere), the
+        scheduler may well send one of them here again, the same signed request: the
+        replay guard must then let it in once more, or it is dropped as a replay and
+        its future waits for ever (the scheduler counts it as ours).
         """
         queue = self.queue
         aborted = []
@@ -471,6 +476,8 @@ class Engine:
             item = queue.popleft()
             if item[3].get("msg_id") in ids:
                 aborted.append(item[3]["msg_id"])
+                if give_back:
+                    self.session.forget(item[2])
             else:
                 queue.append(item)
         not_found = sorted(ids.difference(aborted))

@@ -223,6 +223,10 @@ class ReplayGuard:
                 del seen[old]
         return True
 
+    def forget(self, sig: bytes) -> None:
+        """Accept ``sig`` once more: its message was handed back unused, to come again."""
+        self._seen.pop(sig, None)
+
 
 class Message(NamedTuple):
     idents: list
@@ -289,7 +293,7 @@ _ENGINE_REPORT = {"uuid": (_id, True)}
 CONTENT = {
     "apply_request": {"fn": (_text, False), "nfn": (_int, False), "chunk": (_bool, False),
                       "shm": (_list, False), "refs": (_list, False), "batch": (_list, False)},
-    "abort_request": {"msg_ids": (_ids, True)},
+    "abort_request": {"msg_ids": (_ids, True), "give_back": (_bool, False)},
     "resend_request": {"msg_ids": (_ids, True)},
     "abort_reply": {"aborted": (_ids, False), "not_found": (_ids, False)},
     "resend_reply": {"missing": (_ids, False)},
@@ -430,6 +434,15 @@ class Session:
             if self.guard is not None and not self.guard.check(sig):
                 raise ProtocolError("replayed message (signature seen before)")
         return sig
+
+    def forget(self, rest: Sequence[Any]) -> None:
+        """Let a message ``verify`` accepted pass the replay guard once more.
+
+        For a request handed back unused (the task scheduler's ``give_back``): it may
+        come again to this same receiver, and must then run, not be dropped as a replay.
+        """
+        if self.guard is not None and rest:
+            self.guard.forget(_bytes(rest[0]).partition(b":")[0])
 
     def header_only(self, rest: Sequence[Any]) -> dict | None:
         """The header of a message whose full signature failed, if its routing signature

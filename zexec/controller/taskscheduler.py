@@ -435,7 +435,8 @@ class TaskScheduler:
         if not ids:
             return 0
         header = self.session.header("abort_request")
-        if not self._send_engine(self.session.pack("abort_request", {"msg_ids": ids},
+        # "give_back": they may come to this engine again (see Engine._abort)
+        if not self._send_engine(self.session.pack("abort_request", {"msg_ids": ids, "give_back": True},
                                                    header=header, idents=[euuid])):
             return 0
         eng.giving_back = header["msg_id"]
