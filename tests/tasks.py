@@ -103,9 +103,10 @@ class Box:
         self.v = v
 
 
-def append_line(path):
+def append_line(path, then_sleep=0.0):
     with open(path, "a") as f:
         f.write("ran\n")
+    time.sleep(then_sleep)
 
 
 def spin(seconds):
