@@ -156,3 +156,14 @@ def test_mp_context_picks_the_start_method(no_leaks, method, expected):
         assert ex.submit(pow, 2, 5).result(30) == 32
     finally:
         ex.shutdown()
+
+
+def test_cluster_processes_do_not_import_asyncio():
+    # a tenth of a second of every engine's and controller's start (pyzmq's socket
+    # monitor helpers import it); zexec reads monitor events itself
+    code = ("import sys, zexec.engineset, zexec.controller.supervisor as s; "
+            "from zexec.controller import hub, heartbeat, taskscheduler, devices; "
+            "print('asyncio' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.stdout.strip() == "False", out.stderr

@@ -35,7 +35,6 @@ import time
 import uuid as uuid_mod
 
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 
 from . import serialize, wire
 from .connection import ConnectionInfo, secure
@@ -189,7 +188,7 @@ class Engine:
         for w in waits:
             if not w.poll(max(0, int((deadline - time.monotonic()) * 1000))):
                 raise TimeoutError("could not connect to the controller's sockets")
-            recv_monitor_message(w)
+            wire.recv_monitor_event(w)
             w.close(linger=0)
         for s in (self.task_sock, self.mux, self.control, self.iopub):
             s.disable_monitor()
@@ -219,7 +218,7 @@ class Engine:
             sub.connect(ping_url)
             dealer.connect(pong_url)
             if mon.poll(int(self.startup_timeout * 1000)):
-                recv_monitor_message(mon)
+                wire.recv_monitor_event(mon)
             mon.close(linger=0)
             dealer.disable_monitor()
             ready.set()

@@ -22,7 +22,6 @@ import logging
 import time
 
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 
 from .. import wire
 from ..connection import ConnectionInfo, guard_xpub, secure
@@ -110,8 +109,8 @@ class HeartMonitor:
                     for _ in range(PONGS_PER_TURN):  # strangers can connect and leave fast too
                         if not monitor.get(zmq.EVENTS) & zmq.POLLIN:
                             break
-                        ev = recv_monitor_message(monitor)
-                        heart = self.fd_of.pop(ev["value"], None)
+                        _, fd = wire.recv_monitor_event(monitor)
+                        heart = self.fd_of.pop(fd, None)
                         if heart is not None and heart in self.last_seen:
                             del self.last_seen[heart]
                             log.info("heart %s disconnected", heart)
