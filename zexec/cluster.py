@@ -184,10 +184,10 @@ class LocalCluster:
             if self.initializer is not None:
                 eng += ["--init-file", self._write_init(info)]
             if self.start_method == "fork":
-                # the engine set first: the controller's start is the longer one, and
-                # the engines wait for it (they retry connecting until it binds)
-                self._fork("engines", eng)
+                # the controller first: its start (six parts to fork, every socket to
+                # bind) is the longer one, and the engines wait for it to register
                 self._fork("controller", ctl)
+                self._fork("engines", eng)
             else:
                 self._spawn_both(ctl, eng)
         except BaseException:
