@@ -167,3 +167,35 @@ def test_cluster_processes_do_not_import_asyncio():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.stdout.strip() == "False", out.stderr
+
+
+SIGCHLD_IGNORED = r"""
+import gc, os, re, signal, sys, time
+signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # this program reaps nothing
+gc.disable()
+from zexec import LocalCluster
+cluster = LocalCluster(1, start_method="fork")
+with cluster as ex:
+    print("gc in an engine:", ex.submit(gc.isenabled).result(30))
+    with open(cluster.logs["controller"]) as f:
+        hub = int(re.search(r"hub=(\d+)", f.read()).group(1))
+    os.kill(hub, signal.SIGKILL)
+    ctl = cluster.procs["controller"].pid
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.kill(ctl, 0)
+        except ProcessLookupError:
+            print("the controller saw its hub die")
+            break
+        time.sleep(0.05)
+"""
+
+
+@pytest.mark.timeout(90)
+def test_forked_processes_reap_their_children_when_this_program_ignores_sigchld(no_leaks):
+    # an ignored SIGCHLD is inherited: the controller would not learn that a part died
+    out = subprocess.run([sys.executable, "-c", SIGCHLD_IGNORED], capture_output=True, text=True,
+                         timeout=80, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert "gc in an engine: True" in out.stdout, out.stderr
+    assert "the controller saw its hub die" in out.stdout, out.stderr

@@ -10,10 +10,12 @@ What the child does before it runs, because it is a copy of a process it must no
 - ``setsid``: its own session and process group, as ``start_new_session=True`` gives;
 - stdin from /dev/null, stdout and stderr to its log file, with new ``sys`` streams on
   them (the parent's stream objects may be pytest's or a notebook's);
-- the parent's Python signal handlers and wakeup fd dropped, its signal mask cleared;
-- ``gc.freeze()``: the objects it inherited are never collected here, so no finalizer of
-  the parent's (a zmq socket's, a pool's) runs in the child, and the collector does not
-  touch, and so copy, the pages it shares with the parent;
+- the parent's Python signal handlers and wakeup fd dropped, its signal mask cleared,
+  SIGCHLD back to its default (an ignored one would reap the engines unseen);
+- the garbage collector on (a program may run with it off; the controller must not
+  grow), and ``gc.freeze()`` first: the objects it inherited are never collected here,
+  so no finalizer of the parent's (a zmq socket's, a pool's) runs in the child, and
+  the collector does not touch, and so copy, the pages it shares with the parent;
 - multiprocessing's own after-fork resets (its children, finalizers and fork-aware
   locks), as a forked ``multiprocessing.Process`` gets them;
 - it leaves with ``os._exit``: never back into the parent's code, no atexit handler.
@@ -121,6 +123,7 @@ def _child(run: Callable[[], int | None], log_fd: int) -> None:
     try:
         os.setsid()
         gc.freeze()
+        gc.enable()
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
         os.close(null)
@@ -164,6 +167,9 @@ def _reset_signals() -> None:
             signal.signal(sig, signal.SIG_DFL)
     if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+    # ignored, children would be reaped unseen: the engine set and the controller
+    # wait for theirs to learn how each ended
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_SETMASK, ())
 
 
