@@ -15,6 +15,7 @@ import tasks
 from conftest import wait_until
 from zexec import LocalCluster, serialize
 from zexec import client as client_mod
+from zexec import executor as executor_mod
 from zexec.futures import cancel_all
 
 
@@ -273,3 +274,20 @@ def test_a_drained_flood_gives_the_client_registries_back(cluster, tmp_path, mon
                         sys.getsizeof(client._inflight)) == empty, 10,
                what="the registries to be rebuilt empty")
     assert ex.submit(tasks.mul, 3, 4).result(30) == 12  # and the client goes on
+
+
+def test_a_long_map_of_new_short_items_learns_to_batch_from_its_first_replies(cluster, monkeypatch):
+    # a function never run before goes item by item; once its first replies say its
+    # items are short (the submitter paces meanwhile), the rest go in batches
+    monkeypatch.setattr(client_mod, "MAX_IN_FLIGHT", 4)
+    monkeypatch.setattr(client_mod, "MAX_HELD", 8, raising=False)
+    monkeypatch.setattr(client_mod, "PACE_WAIT", 5.0, raising=False)
+    monkeypatch.setattr(client_mod, "PACE_MIN", 1, raising=False)
+    monkeypatch.setattr(executor_mod, "REDECIDE", 4, raising=False)
+    fn = eval("lambda x: x + 1")  # a new function: no run time known for it
+    ex = cluster.ex
+    fs = ex._submit_items(fn, [(i,) for i in range(300)])
+    assert [f.result(60) for f in fs] == [i + 1 for i in range(300)]
+    assert getattr(fs[0], "_zbatch", None) is None
+    assert any(getattr(f, "_zbatch", None) is not None for f in fs)
+    assert list(ex.map(fn, range(50))) == [i + 1 for i in range(50)]

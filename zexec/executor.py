@@ -23,6 +23,10 @@ from .futures import DeferredFuture, ZFuture, cancel_all, fail
 #: set by zexec.cluster at import: builds the LocalCluster a ZmqExecutor owns
 _cluster_factory: Callable[..., Any] | None = None
 
+#: a map of items not known to be short sends this many one by one, then looks again
+#: whether its function's measured run time makes them worth batching
+REDECIDE = 256
+
 #: executors not shut down yet: at interpreter exit they finish their work first
 _live: "weakref.WeakSet[ZmqExecutor]" = weakref.WeakSet()
 
@@ -424,17 +428,27 @@ class ZmqExecutor(_ExecutorBase):
         A map over many short items (an optimiser's generation, a sampler's walkers)
         costs its trips more than its work: items of such a function (as measured on
         its earlier runs, see Client.batch_size) go to an engine together and come
-        back together, each with its own future, result or exception.
+        back together, each with its own future, result or exception.  A function
+        not measured yet goes item by item, and the choice is made again every
+        REDECIDE items: a long map learns from its own first replies.
         """
         if self._scheme == "pure" or self._timeout is not None:
             return super()._submit_items(fn, items)  # a time limit is per task
         items = list(items)
-        k = self._client.batch_size(fn, len(items))
-        if k <= 1 or any(_has_future(args, {}) for args in items):
+        if any(_has_future(args, {}) for args in items):
             return super()._submit_items(fn, items)
         fs: list = []
-        for i in range(0, len(items), k):
+        i, n, k = 0, len(items), 1
+        while i < n:
+            if k <= 1:
+                k = self._client.batch_size(fn, n - i)  # the items left shared out, once
+            if k <= 1:
+                fs += super()._submit_items(fn, items[i:i + REDECIDE])
+                i += REDECIDE
+                continue
             part = [(ZFuture(), args) for args in items[i:i + k]]
+            i += k
+            self._client.pace()
             with self._shutdown_lock:
                 if self._shutdown:
                     raise RuntimeError("cannot schedule new futures after shutdown")
