@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 
 import psutil
 import pytest
@@ -199,3 +200,27 @@ def test_forked_processes_reap_their_children_when_this_program_ignores_sigchld(
                          timeout=80, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert "gc in an engine: True" in out.stdout, out.stderr
     assert "the controller saw its hub die" in out.stdout, out.stderr
+
+
+@pytest.mark.timeout(120)
+def test_a_cluster_forked_while_another_clients_threads_work(cluster, no_leaks):
+    # only the forking thread goes on in the child: the other client's IO thread (busy
+    # on its sockets right then) and its zmq context are not used there
+    stop = threading.Event()
+    done = []
+
+    def submit_on_the_other_cluster() -> None:
+        while not stop.is_set():
+            done.append(cluster.ex.submit(pow, 2, 8).result(30))
+
+    t = threading.Thread(target=submit_on_the_other_cluster)
+    t.start()
+    try:
+        for _ in range(2):
+            with LocalCluster(1, start_method="fork") as ex:
+                assert ex.submit(pow, 3, 3).result(30) == 27
+    finally:
+        stop.set()
+        t.join(60)
+    assert done and set(done) == {256}
+    assert cluster.ex.submit(pow, 2, 9).result(30) == 512
