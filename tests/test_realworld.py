@@ -148,6 +148,30 @@ def test_a_batch_is_cancelled_whole_or_not_at_all(cluster, tmp_path):
     assert all(f.result(30) is None for f in part)
 
 
+def test_shutdown_cancels_and_waits_for_batched_items(cluster, tmp_path):
+    from zexec import ZmqExecutor
+
+    ex = ZmqExecutor(connection=cluster.connection_file)
+    release = str(tmp_path / "release")
+    blockers = [ex.submit(tasks.wait_for_file, release) for _ in range(len(ex.engines) * 20)]
+    ex.client._runtimes[client_mod._stat_key(tasks.sleep_then_touch)] = 1e-3  # a batch per engine
+    items = [(0.001, str(tmp_path / f"ran{i}")) for i in range(12)]
+    fs = ex._submit_items(tasks.sleep_then_touch, items)
+    batches = {f._zbatch for f in fs}
+    assert len(batches) > 1
+    # the executor waits for (and cancels) a batch, not each of its items
+    assert len(ex._pending) == len(blockers) + len(batches)
+    open(release, "w").close()
+    ex.shutdown(wait=True, cancel_futures=True)
+    assert all(f.done() for f in fs) and all(b.done() for b in blockers)
+    for i, f in enumerate(fs):
+        if f.cancelled():
+            assert f._zbatch.cancelled()
+            assert not os.path.exists(tmp_path / f"ran{i}")
+        else:
+            assert f.result(0) is None and os.path.exists(tmp_path / f"ran{i}")
+
+
 def test_main_imports_names_what_the_script_imported(monkeypatch):
     import json
 

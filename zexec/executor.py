@@ -453,7 +453,9 @@ class ZmqExecutor(_ExecutorBase):
                 if self._shutdown:
                     raise RuntimeError("cannot schedule new futures after shutdown")
                 self._track(self._send(fn, None, batch=part))
-            fs += [self._track(f) for f, _ in part]
+            # the batch is tracked, not its items: they are settled before it is
+            # (Client._resolve_batch), and cancelling it cancels them (_batch_done)
+            fs += [f for f, _ in part]
         return fs
 
     def _unload(self, target: int) -> None:
