@@ -69,6 +69,10 @@ def return_unpicklable():
     return Unpicklable()
 
 
+def unpicklable_if_negative(x):
+    return Unpicklable() if x < 0 else x
+
+
 class UnpicklableError(Exception):
     def __init__(self, a, b):
         super().__init__(a)

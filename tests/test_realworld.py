@@ -127,6 +127,50 @@ def test_a_small_map_of_tiny_items_is_one_batch_and_fails_at_its_own_place(clust
         next(it)
 
 
+def test_a_batchs_items_and_results_travel_as_one_payload_each_failing_alone():
+    # the engine's side, on plain frames: arguments in one payload, "ok" results in one
+    by_ref = lambda fn: "k"  # noqa: E731 - no function travels by reference here
+    args = serialize.dumps_items([((x,), {}) for x in [1, -2, 3, -4]], by_ref)
+    items = [[f"m{i}", 0] for i in range(4)]
+    outcomes, frames, packed = serialize.run_batch(tasks.unpicklable_if_negative, items, args,
+                                                   packed=len(args))
+    assert packed == 0  # a result that cannot be pickled: each alone, and it fails alone
+    assert [o["status"] for o in outcomes] == ["ok", "error", "ok", "error"]
+    assert "could not be pickled" in outcomes[1]["traceback"]
+    outcomes, frames, packed = serialize.run_batch(tasks.positive, items, args, packed=len(args))
+    assert packed == 1 and [o["status"] for o in outcomes] == ["ok", "error", "ok", "error"]
+    assert serialize.loads(frames[:packed]) == [1, 3]  # the "ok" results, in order
+    assert "n" not in outcomes[0] and outcomes[1]["n"] >= 1  # an error's own frames follow
+    # results that are one object go one by one: each a snapshot of its own
+    assert serialize.shared([[1], [2]]) is False
+    shared = [0]
+    assert serialize.shared([shared, shared]) and serialize.shared([(shared, 1), (2, shared)])
+    assert not serialize.shared([(1, "a"), (1, "a")])  # immutable values may repeat
+
+
+def test_items_of_a_batch_each_get_their_own_arguments_and_fail_alone(cluster):
+    np = pytest.importorskip("numpy")
+    ex = cluster.ex
+    key = client_mod._stat_key(tasks.add_one_inplace)
+    ex.client._runtimes[key] = 1e-5  # tiny: one batch
+    a = np.zeros(3)
+    # the same array for two items: each changes its own copy, as with a task per item
+    fs = ex._submit_items(tasks.add_one_inplace, [(a,), (a,), (np.ones(3),)])
+    assert len({id(f._zbatch) for f in fs}) == 1
+    assert [f.result(30).tolist() for f in fs] == [[1.0] * 3, [1.0] * 3, [2.0] * 3]
+    ex.client._runtimes[client_mod._stat_key(tasks.unpicklable_if_negative)] = 1e-5
+    fs = ex._submit_items(tasks.unpicklable_if_negative, [(1,), (-1,), (tasks.Unpicklable(),), (4,)])
+    assert {id(f._zbatch) for i, f in enumerate(fs) if i != 2} == {id(fs[0]._zbatch)}
+    assert fs[0].result(30) == 1 and fs[3].result(30) == 4
+    with pytest.raises(TypeError, match="cannot be pickled"):
+        fs[1].result(30)  # its result
+    with pytest.raises(TypeError, match="cannot be pickled"):
+        fs[2].result(30)  # its argument
+    ex.client._runtimes[client_mod._stat_key(tasks.double)] = 1e-5
+    rows = np.arange(20.0).reshape(10, 2)
+    assert [r.tolist() for r in ex.map(tasks.double, rows)] == (rows * 2).tolist()
+
+
 def test_a_batch_is_cancelled_whole_or_not_at_all(cluster, tmp_path):
     ex = cluster.ex
     ran = str(tmp_path / "ran")

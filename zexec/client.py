@@ -392,7 +392,7 @@ class Client:
             if batch is None:
                 arg_frames = serialize.dumps(args if chunk else (args, kwargs or {}), by_ref)
             else:
-                arg_frames, items = self._pack_items(fut, batch, by_ref)
+                arg_frames, items, packed = self._pack_items(fut, batch, by_ref)
                 if not items:
                     fut.set_result(None)  # every item failed to pickle
                     return fut
@@ -408,6 +408,8 @@ class Client:
             content["chunk"] = True
         if batch is not None:
             content["batch"] = items
+            if packed:
+                content["packed"] = packed
         ref_frames: list = []
         if fn_refs:
             # the functions the payload refers to, first: [[key, number of frames], ...]
@@ -505,36 +507,77 @@ class Client:
         self._wake()
         return True
 
-    def _pack_items(self, fut: ZFuture, batch: list, by_ref) -> tuple[list, list]:
-        """Pickle a batch's items one by one: one that cannot be pickled fails alone."""
-        frames, items, futs = [], [], []
-        for item, args in batch:
+    def _pack_items(self, fut: ZFuture, batch: list, by_ref) -> tuple[list, list, int]:
+        """Pickle a batch's items: returns their frames, ``[[msg_id, frames], ...]`` and
+        how many frames hold them all as one payload (``serialize.dumps_items``: much
+        cheaper to write and read than a pickle per item), or 0 when they go one by
+        one: when they share a mutable object (each must get its own copy, as with a
+        task per item) or one cannot be pickled (that one fails alone)."""
+        futs = [item for item, _ in batch]
+        argsets = [(args, {}) for _, args in batch]
+        frames: list = []
+        if not serialize.shared([args for _, args in batch]):
             try:
-                f = serialize.dumps((args, {}), by_ref)
-            except Exception as e:  # noqa: BLE001
-                item.set_exception(e)
-                continue
+                frames = serialize.dumps_items(argsets, by_ref)
+            except Exception:  # noqa: BLE001 - one by one below, to fail only the culprit
+                frames = []
+        packed = len(frames)
+        counts = [0] * len(futs)
+        if not packed:
+            futs, counts = [], []
+            for (item, _), args in zip(batch, argsets):
+                try:
+                    f = serialize.dumps(args, by_ref)
+                except Exception as e:  # noqa: BLE001
+                    item.set_exception(e)
+                    continue
+                futs.append(item)
+                counts.append(len(f))
+                frames += f
+        items = []
+        for item, n in zip(futs, counts):
             item.msg_id = self.session.new_id()
             item._zclient = self
             item._zbatch = fut
-            items.append([item.msg_id, len(f)])
-            futs.append(item)
-            frames += f
+            items.append([item.msg_id, n])
         fut._items = futs
         fut.add_done_callback(_batch_done)
-        return frames, items
+        return frames, items, packed
 
-    def _resolve_batch(self, fut: ZFuture, outcomes: list, buffers: list) -> None:
-        """A batch's reply: each item's future gets its own outcome (see submit)."""
+    def _resolve_batch(self, fut: ZFuture, outcomes: list, buffers: list, packed=0) -> None:
+        """A batch's reply: each item's future gets its own outcome (see submit).
+
+        With ``packed``, its first frames hold the results of its items "ok" without
+        a frame count of their own, as one payload (see serialize.run_batch)."""
         items = fut._items
         if not isinstance(outcomes, list) or len(outcomes) != len(items):
             raise ProtocolError("a batch reply does not match its request")
-        off = 0
+        if type(packed) is not int or not 0 <= packed <= len(buffers):
+            raise ProtocolError("a batch reply's packed results do not match its frames")
+        results: Any = None
+        if packed:
+            try:
+                results = serialize.loads(buffers[:packed])
+                if type(results) is not list:
+                    raise ProtocolError("a batch reply's packed results are not a list")
+            except BaseException as e:  # noqa: BLE001 - fails the items whose results they are
+                results = e
+            results_iter = iter(results) if isinstance(results, list) else None
+        off = packed
         for item, out in zip(items, outcomes):
+            self._ran(fut._zstat, out.get("elapsed"))
+            if out.get("status") == "ok" and packed and "n" not in out:
+                if results_iter is None:
+                    _fail(item, results)
+                    continue
+                try:
+                    resolve(item, next(results_iter))
+                except StopIteration:
+                    _fail(item, ProtocolError("a batch reply holds fewer results than items"))
+                continue
             n = out.get("n", 0)
             frames = buffers[off:off + n]
             off += n
-            self._ran(fut._zstat, out.get("elapsed"))
             if out.get("status") == "ok":
                 try:
                     result = serialize.loads(frames)
@@ -1004,7 +1047,7 @@ class Client:
                     buffers = self.shm.open(buffers, content["shm"], unlink=True,
                                             trusted=self._shm_out.get(header.get("parent_id")))
                 if "batch" in content:
-                    self._resolve_batch(fut, content["batch"], buffers)
+                    self._resolve_batch(fut, content["batch"], buffers, content.get("packed", 0))
                     return
                 self._ran(getattr(fut, "_zstat", None), header.get("elapsed"))
                 result = serialize.loads(buffers)

@@ -539,10 +539,15 @@ class Engine:
             fn = self._fn(content["fn"], buffers[:nfn], refs)
             if content.get("batch"):
                 # items of one map call, each with its own outcome (see Client.submit)
-                outcomes, frames = serialize.run_batch(fn, content["batch"], buffers[nfn:], refs,
-                                                       self._check_fork)
+                packed = content.get("packed") or 0
+                if type(packed) is not int or not 0 <= packed <= len(buffers) - nfn:
+                    raise ProtocolError("a batch's packed arguments do not match its frames")
+                outcomes, frames, packed = serialize.run_batch(
+                    fn, content["batch"], buffers[nfn:], refs, self._check_fork, packed)
                 reply = {"status": "ok", "batch": outcomes}
-                if self.shm is not None and len(frames) > len(outcomes):
+                if packed:
+                    reply["packed"] = packed  # the results of the "ok" items, as one payload
+                if self.shm is not None and len(frames) > 1:
                     refs = self.shm.export(frames, 0, reuse=inputs)
                     if refs:
                         reply["shm"] = refs

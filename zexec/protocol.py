@@ -292,14 +292,15 @@ HEADER = {"msg_id": (_id, True), "msg_type": (_id, True), "session": (_text, Fal
 _ENGINE_REPORT = {"uuid": (_id, True)}
 CONTENT = {
     "apply_request": {"fn": (_text, False), "nfn": (_int, False), "chunk": (_bool, False),
-                      "shm": (_list, False), "refs": (_list, False), "batch": (_list, False)},
+                      "shm": (_list, False), "refs": (_list, False), "batch": (_list, False),
+                      "packed": (_int, False)},
     "abort_request": {"msg_ids": (_ids, True), "give_back": (_bool, False)},
     "resend_request": {"msg_ids": (_ids, True)},
     "abort_reply": {"aborted": (_ids, False), "not_found": (_ids, False)},
     "resend_reply": {"missing": (_ids, False)},
     "apply_reply": {"status": (_id, False), "ename": (_opt(_text), False),
                     "evalue": (_opt(_text), False), "engine": (_opt(_dict), False),
-                    "shm": (_list, False), "batch": (_list, False)},
+                    "shm": (_list, False), "batch": (_list, False), "packed": (_int, False)},
     "status": {"state": (_text, False), "msg_id": (_id, False)},
     "stream": {"name": (_text, False), "text": (_text, False)},
     "registration_request": {"uuid": (_id, True), "hostname": (_opt(_text), False),
