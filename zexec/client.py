@@ -49,7 +49,7 @@ import zmq
 
 from . import serialize, wire
 from ._proc import malloc_trim
-from .connection import ConnectionInfo, secure
+from .connection import ConnectionInfo, context, secure
 from .errors import (ClusterLostError, EngineDiedError, InitializerError, NoEnginesError,
                      ProtocolError, RemoteTraceback, TaskInterrupted, ZexecError)
 from .futures import Verdicts, ZFuture, cancel_dropped, resolve
@@ -153,7 +153,7 @@ class Client:
         self.info = info
         self.session = Session(info.key_bytes)
         self.forward_output = forward_output
-        self.ctx = zmq.Context()
+        self.ctx = context()
         self._futures: dict[str, tuple[Future, int | None]] = {}
         self._outbox: collections.deque = collections.deque()
         self._requests: dict[str, Future] = {}

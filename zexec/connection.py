@@ -142,6 +142,24 @@ def new_curve_keys() -> dict:
             "client_public": client_public.decode(), "client_secret": client_secret.decode()}
 
 
+#: a socket that connects before its peer has bound (a cluster's processes come up in
+#: any order) tries again after RECONNECT_FIRST ms, doubling up to RECONNECT_MAX ms:
+#: libzmq's fixed 100 ms retry held each starting cluster up for up to a tenth of a
+#: second per hop (client to hub, engine to device, device to the hub's monitor)
+RECONNECT_FIRST = 10
+RECONNECT_MAX = 100
+
+
+def context():
+    """A zmq context whose sockets retry a connection soon at first (RECONNECT_FIRST)."""
+    import zmq
+
+    ctx = zmq.Context()
+    ctx.setsockopt(zmq.RECONNECT_IVL, RECONNECT_FIRST)
+    ctx.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_MAX)
+    return ctx
+
+
 def secure(sock, info: ConnectionInfo, server: bool) -> None:
     """Turn on CurveZMQ for ``sock`` when the cluster has keys: encrypted, and only
     peers holding the cluster's server public key can complete a handshake."""

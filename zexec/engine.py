@@ -37,7 +37,7 @@ import uuid as uuid_mod
 import zmq
 
 from . import serialize, wire
-from .connection import ConnectionInfo, secure
+from .connection import ConnectionInfo, context, secure
 from .errors import ProtocolError
 from .protocol import RateLimitedLog, Session, check_content, check_header, loads, split_idents
 
@@ -142,7 +142,6 @@ class Engine:
         secure(reg, self.info, server=False)
         reg.identity = self.ident
         reg.linger = 1000
-        reg.setsockopt(zmq.RECONNECT_IVL, 50)
         reg.connect(self.info.url("registration"))
         self.registrar = reg
         content = {"uuid": self.uuid, "hostname": socket.gethostname(), "pid": os.getpid(),
@@ -249,7 +248,7 @@ class Engine:
     # -- main loop -----------------------------------------------------------------------
     def run(self) -> int:
         self.pid = os.getpid()  # a process a task forks is not this engine (see _leave_forked_child)
-        self.ctx = zmq.Context()
+        self.ctx = context()
         try:
             reply = self._register()
             self.id = reply["id"]

@@ -23,7 +23,7 @@ import uuid
 import zmq
 
 from ._proc import child_signals, setup_logging, watch_parent
-from .connection import AUTHKEY_ENV, ConnectionInfo, secure
+from .connection import AUTHKEY_ENV, ConnectionInfo, context, secure
 from .engine import INITIALIZER_FAILED, Engine  # imported before forking: every engine starts with it loaded
 from .errors import ProtocolError
 from .protocol import Session
@@ -138,7 +138,7 @@ class EngineSet:
         signal.signal(signal.SIGINT, on_stop)
         for _ in range(self.n):
             self.spawn()
-        ctx = zmq.Context()
+        ctx = context()
         hub = ctx.socket(zmq.DEALER)
         hub.linger = 500
         secure(hub, self.info, server=False)

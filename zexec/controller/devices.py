@@ -13,7 +13,7 @@ import logging
 import zmq
 from zmq.devices import monitored_queue
 
-from ..connection import ConnectionInfo, secure
+from ..connection import ConnectionInfo, context, secure
 
 log = logging.getLogger("zexec.devices")
 
@@ -27,7 +27,7 @@ DEVICES = {
 
 def main(info: ConnectionInfo, name: str) -> None:
     in_type, in_chan, out_type, out_chan, in_prefix, out_prefix = DEVICES[name]
-    ctx = zmq.Context()
+    ctx = context()
     ins = ctx.socket(in_type)
     outs = ctx.socket(out_type)
     mon = ctx.socket(zmq.PUB)

@@ -24,7 +24,7 @@ import time
 import zmq
 
 from .. import wire
-from ..connection import ConnectionInfo, guard_xpub, secure
+from ..connection import ConnectionInfo, context, guard_xpub, secure
 from ..protocol import RateLimitedLog, Session
 from . import policy
 
@@ -52,7 +52,7 @@ class HeartMonitor:
         self.hub.send_multipart(self.session.pack(kind, content))
 
     def run(self) -> None:
-        ctx = zmq.Context()
+        ctx = context()
         info = self.info
         ping = ctx.socket(zmq.XPUB)
         ping.setsockopt(zmq.XPUB_VERBOSE, 1)  # every heart's subscription, not only the first

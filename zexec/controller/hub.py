@@ -25,7 +25,7 @@ import time
 import zmq
 
 from .. import wire
-from ..connection import ConnectionInfo, guard_xpub, secure
+from ..connection import ConnectionInfo, context, guard_xpub, secure
 from ..errors import ProtocolError
 from ..protocol import DELIM, MAX_ID, RateLimitedLog, Session, loads, split_idents
 
@@ -100,7 +100,7 @@ class Hub:
 
     # -- lifecycle -----------------------------------------------------------------------
     def run(self) -> None:
-        ctx = zmq.Context()
+        ctx = context()
         info = self.info
         self.registrar = ctx.socket(zmq.ROUTER)
         self.registrar.linger = 0

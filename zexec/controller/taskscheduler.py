@@ -29,7 +29,7 @@ import time
 import zmq
 
 from .._proc import malloc_trim
-from ..connection import ConnectionInfo, secure
+from ..connection import ConnectionInfo, context, secure
 from ..errors import ProtocolError
 from .. import wire
 from ..wire import send_frames
@@ -149,7 +149,7 @@ class TaskScheduler:
         self.notif.connect(info.url("notification"))
 
     def run(self) -> None:
-        ctx = zmq.Context()
+        ctx = context()
         self._sockets(ctx)
         poller = zmq.Poller()
         for s in (self.client, self.engine_sock, self.notif):
