@@ -141,6 +141,11 @@ def test_a_batchs_items_and_results_travel_as_one_payload_each_failing_alone():
     assert packed == 1 and [o["status"] for o in outcomes] == ["ok", "error", "ok", "error"]
     assert serialize.loads(frames[:packed]) == [1, 3]  # the "ok" results, in order
     assert "n" not in outcomes[0] and outcomes[1]["n"] >= 1  # an error's own frames follow
+    # arguments that cannot be read on the engine: every item fails with that error
+    outcomes, frames, packed = serialize.run_batch(tasks.positive, items, [b"not a pickle"],
+                                                   packed=1)
+    assert packed == 0 and len(outcomes) == 4 and all(o["status"] == "error" for o in outcomes)
+    assert sum(o["n"] for o in outcomes) == len(frames)
     # results that are one object go one by one: each a snapshot of its own
     assert serialize.shared([[1], [2]]) is False
     shared = [0]
