@@ -325,6 +325,20 @@ def test_a_flood_of_long_tasks_does_not_hold_up_its_submitter(cluster, tmp_path,
     wait_until(lambda: ex.client._pacing, 10, what="the pacing to come back once the flood drained")
 
 
+def test_pacing_comes_back_when_held_tasks_leave_fast_again(cluster, monkeypatch):
+    # a pause (a full garbage collection under a million futures) once made a fast
+    # flood look long: the pacing stopped for good and 180k tasks piled up here
+    client = cluster.ex.client
+    monkeypatch.setattr(client_mod, "MAX_HELD", 0, raising=False)  # "a flood is held"
+    monkeypatch.setattr(client, "_pacing", False, raising=False)
+    monkeypatch.setattr(client, "_unpaced", (0.0, client._released), raising=False)
+    client.pace()
+    assert not client._pacing  # nothing left since: the tasks are still slow
+    monkeypatch.setattr(client, "_unpaced", (0.0, client._released - 1000), raising=False)
+    client.pace()
+    assert client._pacing  # a thousand left in the last look: fast again
+
+
 def test_a_drained_flood_gives_the_client_registries_back(cluster, tmp_path, monkeypatch):
     # a dict or set keeps the table of its largest size: once nothing is pending after
     # a flood, the client rebuilds its registries (and trims the C heap)

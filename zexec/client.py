@@ -88,10 +88,11 @@ MAX_IN_FLIGHT = 2000
 MAX_HELD = 2000
 #: a submitting thread waits for room as long as the IO thread sends at least
 #: PACE_MIN held tasks every PACE_WAIT seconds; slower, the tasks are long (their
-#: submitter holds the GIL for little of their time), and it no longer waits (until
-#: the held tasks are down to half again)
-PACE_WAIT = 0.5
-PACE_MIN = 50
+#: submitter holds the GIL for little of their time), and it no longer waits, until
+#: the held tasks are down to half again or they leave that fast again (a pause of
+#: the whole process, a full garbage collection, must not end the pacing for good)
+PACE_WAIT = 1.0
+PACE_MIN = 100
 #: replies after which the client, once nothing is pending, gives memory back
 #: (see _give_back_memory)
 TRIM_AFTER = 10_000
@@ -182,6 +183,7 @@ class Client:
         self._inflight: set = set()  # load-balanced tasks at the scheduler
         self._room = threading.Condition(threading.Lock())  # the IO thread sent held tasks
         self._pacing = True  # False once a wait for room timed out (see pace)
+        self._unpaced = (0.0, 0)  # since when, and the count of released then
         self._released = 0  # held tasks sent so far (see pace)
         self._replies = 0  # replies since memory was last given back
         self._fn_lock = threading.Lock()
@@ -295,11 +297,22 @@ class Client:
         flood is submitted.  Never in the IO thread (a done-callback that submits), and
         only while the tasks go fast: when fewer than PACE_MIN leave in PACE_WAIT, the
         tasks are long, and the caller no longer waits until the held tasks are down
-        to half (a submit loop of long tasks returns at once, as on a process pool).
+        to half or go fast again (a submit loop of long tasks returns at once, as on
+        a process pool).
         """
-        if len(self._held) < MAX_HELD or not self._pacing or self._broken is not None \
+        if len(self._held) < MAX_HELD or self._broken is not None \
                 or threading.current_thread() is self._thread:
             return
+        if not self._pacing:
+            # no longer waiting: look again, once per PACE_WAIT, whether tasks go fast
+            now = time.monotonic()
+            since, mark = self._unpaced
+            if now - since < PACE_WAIT:
+                return
+            self._unpaced = (now, self._released)
+            if self._released - mark < PACE_MIN:
+                return
+            self._pacing = True
         with self._room:
             mark, deadline = self._released, time.monotonic() + PACE_WAIT
             while len(self._held) > MAX_HELD // 2 and self._broken is None and not self._closing:
@@ -307,6 +320,7 @@ class Client:
                 if left <= 0:
                     if self._released - mark < PACE_MIN:
                         self._pacing = False
+                        self._unpaced = (time.monotonic(), self._released)
                         return
                     mark, deadline = self._released, time.monotonic() + PACE_WAIT
                     continue
