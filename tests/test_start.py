@@ -224,3 +224,37 @@ def test_a_cluster_forked_while_another_clients_threads_work(cluster, no_leaks):
         t.join(60)
     assert done and set(done) == {256}
     assert cluster.ex.submit(pow, 2, 9).result(30) == 512
+
+
+#: released by the test once the child is forked (the module waits on it in this process only)
+IMPORT_GATE = threading.Event()
+
+
+@pytest.mark.timeout(90)
+def test_forked_child_imports_a_module_another_thread_was_importing(tmp_path, monkeypatch):
+    # the thread's module lock is held in the child by a thread it does not have: a task
+    # importing that module (or one importing it) waited forever
+    from zexec import forked
+
+    name = "zexec_test_slow_import"
+    (tmp_path / f"{name}.py").write_text(
+        "import os, sys\n"
+        f"if os.getpid() == {os.getpid()}:\n"
+        f"    sys.modules[{__name__!r}].IMPORT_GATE.wait(60)\n"
+        "VALUE = 5\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    IMPORT_GATE.clear()
+    t = threading.Thread(target=__import__, args=(name,))
+    t.start()
+    p = None
+    try:
+        wait_until(lambda: name in sys.modules, 30, what="the thread inside the import")
+        p = forked.start(lambda: 0 if __import__(name).VALUE == 5 else 2, os.devnull)
+        assert p.wait(30) == 0
+    finally:
+        IMPORT_GATE.set()
+        t.join(60)
+        if p is not None:
+            p.kill()
+            p.wait(30)
+        sys.modules.pop(name, None)

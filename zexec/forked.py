@@ -18,6 +18,8 @@ What the child does before it runs, because it is a copy of a process it must no
   the collector does not touch, and so copy, the pages it shares with the parent;
 - multiprocessing's own after-fork resets (its children, finalizers and fork-aware
   locks), as a forked ``multiprocessing.Process`` gets them;
+- a module another thread was importing right then is forgotten, with its import lock
+  (held by a thread the child does not have): the child imports it afresh if it needs it;
 - it leaves with ``os._exit``: never back into the parent's code, no atexit handler.
 
 The threads of the parent are gone in the child: the child only uses what it creates
@@ -135,6 +137,7 @@ def _child(run: Callable[[], int | None], log_fd: int) -> None:
         sys.stderr = sys.__stderr__ = open(2, "w", buffering=1, errors="backslashreplace",
                                            closefd=False)
         _reset_signals()
+        _forget_other_threads_imports()
         _multiprocessing_after_fork()
         rc = run()
         code = rc if isinstance(rc, int) else 0
@@ -171,6 +174,35 @@ def _reset_signals() -> None:
     # wait for theirs to learn how each ended
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_SETMASK, ())
+
+
+def _forget_other_threads_imports() -> None:
+    """A module another thread was importing when the parent forked is half-made here,
+    and its per-module import lock (CPython re-makes only the global one after a fork)
+    is held by a thread the child does not have: importing it again, as a task's
+    function may, would wait forever.  The child drops the lock and the half-made
+    module, and so imports it afresh.  Locks this thread holds (the cluster started
+    from a module's body) are kept: that module stays as it is."""
+    try:
+        from importlib import _bootstrap
+        module_locks, blocking_on = _bootstrap._module_locks, _bootstrap._blocking_on
+    except (ImportError, AttributeError):  # another interpreter's importlib
+        return
+    import _thread
+
+    me = _thread.get_ident()
+    for name, ref in list(module_locks.items()):
+        lock = ref()
+        owner = getattr(lock, "owner", None)
+        if owner is None or owner == me:
+            continue
+        module_locks.pop(name, None)
+        spec = getattr(sys.modules.get(name), "__spec__", None)
+        if getattr(spec, "_initializing", False):
+            del sys.modules[name]
+    for tid in list(blocking_on):
+        if tid != me:
+            blocking_on.pop(tid, None)
 
 
 def _multiprocessing_after_fork() -> None:
