@@ -192,6 +192,28 @@ def test_engine_watcher_survives_a_bad_resend_request(cluster, raw):
     assert f1.result(30) == 1.0 and f2.result(30) == 1.0
 
 
+@pytest.mark.timeout(90)
+def test_engine_drops_a_shutdown_request_whose_content_is_not_an_object(cluster, raw):
+    """A signed shutdown_request whose content is a JSON string (one of the fuzz test's
+    whole-frame cases) shut the engine down: the fuzz test's MUX probe then went
+    unanswered whenever its copy on control overtook the one on MUX (the replay guard
+    drops the second).  Malformed, it is dropped: the engine goes on serving."""
+    ex = cluster.ex
+    eid = ex.engines[0]
+    eng = engine_uuid(cluster, eid)
+    pid = ex.client.engine_info(eid)["pid"]
+    sock = raw.sock("control_client")
+    sock.send_multipart(forge(ex.client.info, header("shutdown_request"), b'"s"', parent=b"[1]",
+                              idents=[eng]))
+    # a question behind it on the same connection: answered once the engine has handled it
+    probe = Session(ex.client.info.key_bytes).pack("abort_request", {"msg_ids": ["probe"]},
+                                                   idents=[eng])
+    sock.send_multipart(probe)
+    assert sock.poll(30_000), "no answer to the probe behind the shutdown_request"
+    sock.recv_multipart()
+    assert ex.engine(eid).submit(os.getpid).result(30) == pid
+
+
 # -- status() and the hub's task table (12) ---------------------------------------------
 
 def _monitor_copy(status) -> list:

@@ -419,8 +419,12 @@ class Engine:
             verified = True
             header = check_header(loads(rest[1]))  # types checked here, once (see protocol)
             kind = header["msg_type"]
+            # every content is checked here but a task's (read by _run_task, which fails
+            # a malformed one back to its sender) and an interrupt's (read by
+            # _interrupt_request): a shutdown_request with a JSON string for content is
+            # malformed, and must be dropped, not obeyed
             content = (check_content(kind, loads(rest[3]))
-                       if kind in ("abort_request", "resend_request") else None)
+                       if kind not in ("apply_request", "interrupt_request") else None)
         except (ProtocolError, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
             self.bad("engine socket", str(e))
             if rest is not None and not verified and sock in (self.task_sock, self.mux):
