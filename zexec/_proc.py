@@ -121,3 +121,23 @@ def exit_on_sigterm() -> None:
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, handler)
+
+
+def exit_status(exc: BaseException | None) -> int:
+    """The status a process ends with after ``exc``, as the interpreter would give it:
+    ``sys.exit(n)``'s int (0 for None, 1 for anything else), 1 after an exception,
+    0 without one."""
+    if isinstance(exc, SystemExit):
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    return 0 if exc is None else 1
+
+
+def exit_now(code: int, streams) -> None:
+    """Flush ``streams`` and leave at once with ``os._exit``: for a forked child that
+    must never return into the code it was forked from, nor run its atexit handlers."""
+    for stream in streams:
+        try:
+            stream.flush()
+        except BaseException:  # noqa: BLE001 - exiting regardless
+            pass
+    os._exit(code)

@@ -37,6 +37,7 @@ import uuid as uuid_mod
 import zmq
 
 from . import serialize, wire
+from ._proc import exit_now, exit_status
 from .connection import ConnectionInfo, context, secure
 from .errors import ProtocolError
 from .protocol import RateLimitedLog, Session, check_content, check_header, loads, split_idents
@@ -83,16 +84,7 @@ def _leave_forked_child(exc: BaseException | None) -> None:
     threads did not survive the fork; a lock held at the fork would never be freed).
     It exits at once, as ``multiprocessing``'s forked children do: the exit status of
     ``sys.exit()``, 1 after an exception, else 0; no atexit handler of the engine runs."""
-    if isinstance(exc, SystemExit):
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    else:
-        code = 0 if exc is None else 1
-    for stream in (sys.__stdout__, sys.__stderr__):
-        try:
-            stream.flush()
-        except Exception:  # noqa: BLE001 - exiting regardless
-            pass
-    os._exit(code)
+    exit_now(exit_status(exc), (sys.__stdout__, sys.__stderr__))
 
 
 class Engine:

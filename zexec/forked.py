@@ -41,6 +41,8 @@ import traceback
 import warnings
 from typing import Callable
 
+from ._proc import exit_now, exit_status
+
 
 class ForkedProcess:
     """A child of this process made by :func:`start`, with Popen's interface."""
@@ -142,19 +144,14 @@ def _child(run: Callable[[], int | None], log_fd: int) -> None:
         rc = run()
         code = rc if isinstance(rc, int) else 0
     except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        code = exit_status(e)
     except BaseException:  # noqa: BLE001 - reported in the log; the parent sees status 1
         try:
             traceback.print_exc()
         except BaseException:  # noqa: BLE001
             pass
     finally:
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except BaseException:  # noqa: BLE001 - exiting regardless
-                pass
-        os._exit(code)
+        exit_now(code, (sys.stdout, sys.stderr))
 
 
 def _reset_signals() -> None:
