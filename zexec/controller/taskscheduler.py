@@ -121,6 +121,7 @@ class TaskScheduler:
         self._taken = 0  # tasks taken in since memory was last given back
         self.n_running = 0  # engines with a reported-started task (cheap test in the loop)
         self.giving_back: dict[str, bytes] = {}  # our abort_request's msg_id -> engine
+        self.hub_listens = False  # the hub's subscription to our records has arrived
 
     # -- sockets -------------------------------------------------------------------------
     def _sockets(self, ctx: zmq.Context) -> None:
@@ -137,7 +138,10 @@ class TaskScheduler:
         secure(self.engine_sock, info, server=True)
         self.client.bind(info.bind_url("task_client"))
         self.engine_sock.bind(info.bind_url("task_engine"))
-        self.mon = ctx.socket(zmq.PUB)
+        # XPUB, to see the hub subscribe: a PUB drops whatever it sends before the
+        # subscription arrives, and the first records (tasks submitted at once) were
+        # lost, so the hub counted their replies but never them (see _flush_records)
+        self.mon = ctx.socket(zmq.XPUB)
         self.mon.sndhwm = 0
         self.mon.linger = 0
         secure(self.mon, info, server=False)
@@ -152,7 +156,7 @@ class TaskScheduler:
         ctx = context()
         self._sockets(ctx)
         poller = zmq.Poller()
-        for s in (self.client, self.engine_sock, self.notif):
+        for s in (self.client, self.engine_sock, self.notif, self.mon):
             poller.register(s, zmq.POLLIN)
         log.info("task scheduler up")
         try:
@@ -167,6 +171,8 @@ class TaskScheduler:
                     self._drain(self.engine_sock, self._on_engine)
                 if self.notif in ready:
                     self._drain(self.notif, self._on_notification)
+                if self.mon in ready:
+                    self._drain(self.mon, self._on_subscription)
                 if self.draining:
                     self._check_draining()
                 if not self.order and self.queue:
@@ -610,10 +616,18 @@ class TaskScheduler:
         log.info("engine %s gone (%s): %d tasks resubmitted, %d failed",
                  eng.id, info.get("reason", "?"), retried, failed)
 
+    def _on_subscription(self, frames: list) -> None:
+        """The hub subscribed to our records: from now on they reach it."""
+        if frames and frames[0].bytes[:1] == b"\x01":
+            self.hub_listens = True
+
     def _flush_records(self, flushed: int | None = None) -> None:
         # batched on a clock: a message to the hub per task would wake it per task,
         # and on a small machine every extra wake-up is latency for someone else.
-        # ``flushed``: the hub asks for everything now, to answer a status request
+        # ``flushed``: the hub asks for everything now, to answer a status request.
+        # Held until the hub listens: sent before, they would be dropped (see _sockets)
+        if not self.hub_listens:
+            return
         now = time.monotonic()
         if flushed is not None or (
                 (self._submitted or self._done) and (now >= self._next_flush or len(self._done) > 5000)):
