@@ -4,7 +4,7 @@
 
     clients (DEALER) --> [client ROUTER]  TaskScheduler  [engine ROUTER] <--> engines (DEALER)
                                  |             ^  |
-               notification SUB (hub) ---------+  +--> monitor PUB (compact records to the hub)
+               notification SUB (hub) ---------+  +--> monitor XPUB (compact records to the hub)
 
 It behaves like a ROUTER/ROUTER queue from the outside, with Python inside: it verifies
 every message (a big one by its routing signature, over the header), picks an engine by
@@ -618,7 +618,8 @@ class TaskScheduler:
 
     def _on_subscription(self, frames: list) -> None:
         """The hub subscribed to our records: from now on they reach it."""
-        if frames and frames[0].bytes[:1] == b"\x01":
+        # the hub subscribes to other topics on this socket too (the devices' copies)
+        if frames and frames[0].bytes[:1] == b"\x01" and b"task".startswith(frames[0].bytes[1:]):
             self.hub_listens = True
 
     def _flush_records(self, flushed: int | None = None) -> None:
