@@ -640,7 +640,9 @@ class Client:
                     break
                 if target is None and self._held:
                     held = [i for i in ids if self._held.pop(i, None) is not None]
-                    ids = [i for i in ids if i not in set(held)] if held else ids
+                    if held:
+                        dropped = set(held)
+                        ids = [i for i in ids if i not in dropped]
                     if not ids:
                         continue
                 msg = self.session.pack("abort_request", {"msg_ids": ids}, reply_to=self.reply_to)
