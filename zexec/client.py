@@ -93,6 +93,10 @@ MAX_HELD = 2000
 #: the whole process, a full garbage collection, must not end the pacing for good)
 PACE_WAIT = 1.0
 PACE_MIN = 100
+#: load-balanced tasks of ours at the scheduler from which a plain function's small
+#: task is held to leave in a batch (see _Held): a new task waits behind those anyway,
+#: and one by one, a flood costs the scheduler and the engines more than its work
+COALESCE_AT = 256
 #: replies after which the client, once nothing is pending, gives memory back
 #: (see _give_back_memory)
 TRIM_AFTER = 10_000
@@ -139,6 +143,26 @@ def _batch_done(fut: Future) -> None:
             _fail(item, exc)
 
 
+class _Held:
+    """A load-balanced task held here unsent as its pickled parts, not yet a message.
+
+    Held only in a flood (the scheduler already has MAX_IN_FLIGHT of ours) and only a
+    plain function's small task (one argument frame, no time limit): such tasks sent
+    in a row to one function are short, and they leave in batches (``_release_held``),
+    one trip for many instead of a message per task through the scheduler and an
+    engine, which cost more CPU than the task itself.  Its arguments were pickled at
+    submit (what the caller changes later is not seen, as for any task)."""
+
+    __slots__ = ("fut", "key", "fn_frames", "arg_frames", "retries")
+
+    def __init__(self, fut: ZFuture, key: str, fn_frames: list, arg_frames: list, retries: int) -> None:
+        self.fut = fut
+        self.key = key
+        self.fn_frames = fn_frames
+        self.arg_frames = arg_frames
+        self.retries = retries
+
+
 @atexit.register
 def _close_all() -> None:
     for c in list(_clients):
@@ -179,8 +203,12 @@ class Client:
         self._closing = False
         self._fn_cache: collections.OrderedDict = collections.OrderedDict()
         self._runtimes: dict = {}
-        self._held: collections.OrderedDict = collections.OrderedDict()  # msg_id -> frames
+        self._held: collections.OrderedDict = collections.OrderedDict()  # msg_id -> frames or _Held
         self._inflight: set = set()  # load-balanced tasks at the scheduler
+        #: batches of held tasks at the scheduler: msg_id -> their tasks beyond the first,
+        #: and those tasks' sum, counted with ``_inflight`` (both only in the IO thread)
+        self._batched: dict[str, int] = {}
+        self._batched_n = 0
         self._room = threading.Condition(threading.Lock())  # the IO thread sent held tasks
         self._pacing = True  # False once a wait for room timed out (see pace)
         self._unpaced = (0.0, 0)  # since when, and the count of released then
@@ -366,8 +394,12 @@ class Client:
         their cost is the trip, not the work (see the module's ``batch_size``).
         Engines that recycle after ``max_tasks_per_child`` count tasks: no batches.
         """
+        return self._batch_for(_stat_key(fn), n)
+
+    def _batch_for(self, stat, n: int) -> int:
+        """``batch_size`` for a function recorded under ``stat`` (see ``_stat_key``)."""
         engines = len(self._engines)
-        mean = self._runtimes.get(_stat_key(fn))
+        mean = self._runtimes.get(stat)
         if mean is None or engines == 0:
             return 1
         if any(e.get("max_tasks") for e in list(self._engines.values())):
@@ -415,7 +447,16 @@ class Client:
             return fut
         fut._zclient = self
         fut._zstat = _stat_key(fn)
-        header = self.session.header("apply_request", retries=retries, reply_to=self.reply_to)
+        msg_id = None
+        if (target is None and batch is None and not chunk and timeout is None and key
+                and not fn_refs and len(arg_frames) == 1
+                and (self._held or len(self._inflight) + self._batched_n >= COALESCE_AT)):
+            # a flood of a plain function's small tasks: held as parts, to leave in
+            # batches (see _Held); no message is built for it here
+            fut.msg_id = msg_id = self.session.new_id()
+            if self._hold(msg_id, _Held(fut, key, fn_frames, arg_frames, retries)):
+                return fut
+        header = self.session.header("apply_request", msg_id, retries=retries, reply_to=self.reply_to)
         fut.msg_id = msg_id = header["msg_id"]
         content = {"fn": key, "nfn": len(fn_frames)}
         if chunk:
@@ -463,7 +504,7 @@ class Client:
                     self._futures[msg_id] = (fut, target)
                 if target is not None:
                     wire.send_frames(sock, frames)
-                elif self._held or len(self._inflight) >= MAX_IN_FLIGHT:
+                elif self._held or self._full():
                     self._held[msg_id] = frames  # the IO thread sends it (_release_held)
                 else:
                     # counted before it leaves: its reply may come back at once
@@ -486,6 +527,34 @@ class Client:
         if timeout is not None:
             self._arm(fut, timeout, grace)
         return fut
+
+    def _full(self) -> bool:
+        """Whether the scheduler holds MAX_IN_FLIGHT of our load-balanced tasks."""
+        return len(self._inflight) + self._batched_n >= MAX_IN_FLIGHT
+
+    def _hold(self, msg_id: str, entry: _Held) -> bool:
+        """Hold a task as its parts while the flood goes on (the IO thread sends it
+        at once, with those held beside it, if the scheduler has room: it is woken);
+        False if the flood is over after all (it then goes as a message of its own)."""
+        futures = self._futures
+        try:
+            futures[msg_id] = (entry.fut, None)  # registered first, as in submit
+            with self._send_lock:
+                self.check()
+                if futures is not self._futures:
+                    self._futures[msg_id] = (entry.fut, None)  # see submit
+                if self._held or len(self._inflight) + self._batched_n >= COALESCE_AT:
+                    self._held[msg_id] = entry
+                    room = not self._full()
+                else:
+                    return False
+            if room:
+                self._wake()
+            return True
+        except BaseException:
+            futures.pop(msg_id, None)
+            self._futures.pop(msg_id, None)
+            raise
 
     def _arm(self, fut: ZFuture, limit: float, grace: float) -> None:
         deadline = time.monotonic() + limit
@@ -681,9 +750,8 @@ class Client:
 
     def _dropped(self, ids) -> None:
         """Tasks dropped before they ran (an abort's verdict, or still held here)."""
-        inflight = self._inflight
         for msg_id in ids:
-            inflight.discard(msg_id)
+            self._landed(msg_id)
             entry = self._futures.pop(msg_id, None)
             self._direct_frames.pop(msg_id, None)
             w = self._abort_waits.pop(msg_id, None)
@@ -701,15 +769,78 @@ class Client:
         """Send held tasks as the scheduler's share of this client's work drains."""
         held, inflight = self._held, self._inflight
         with self._send_lock:
-            while held and len(inflight) < MAX_IN_FLIGHT:
+            while held and len(inflight) + self._batched_n < MAX_IN_FLIGHT:
                 if self._broken is not None or self._closing:
                     return
                 msg_id, frames = held.popitem(last=False)
+                n = 1
+                if type(frames) is _Held:
+                    msg_id, frames, n = self._coalesce(msg_id, frames)
                 inflight.add(msg_id)
                 wire.send_frames(self.task_send, frames)
-                self._released += 1
+                self._released += n
         if len(held) <= MAX_HELD // 2:
             self._make_room()
+
+    def _coalesce(self, msg_id: str, first: _Held) -> tuple[str, list, int]:
+        """A held task's message (IO thread, under the send lock): alone, or as a batch
+        with the held tasks of the same function right behind it, when that function
+        is known to be short (``_batch_for``).  Each task keeps its own future and
+        gets its own result or exception (``_resolve_batch``); the batch goes and
+        comes back as one message, through the scheduler and one engine.  Returns
+        the message's id, its frames and how many tasks it carries.
+
+        A batch holds at most a quarter of an engine's share of MAX_IN_FLIGHT, so
+        every engine has several queued while one is answered.  Once sent, a task
+        of a batch is cancelled only with the whole batch (as a map's items)."""
+        held = self._held
+        group = [first]
+        k = self._batch_for(first.fut._zstat, len(held) + 1)
+        if k > 1:
+            k = min(k, max(1, MAX_IN_FLIGHT // (4 * max(1, len(self._engines)))))
+            while held and len(group) < k:
+                nid = next(iter(held))
+                e = held[nid]
+                if type(e) is not _Held or e.key != first.key or e.retries != first.retries:
+                    break
+                del held[nid]
+                group.append(e)
+        content: dict = {"fn": first.key, "nfn": len(first.fn_frames)}
+        if len(group) == 1:
+            header = self.session.header("apply_request", msg_id, retries=first.retries,
+                                         reply_to=self.reply_to)
+            return msg_id, self.session.pack("apply_request", content, header=header,
+                                             buffers=[*first.fn_frames, *first.arg_frames]), 1
+        batch = ZFuture()
+        batch._zclient = self
+        batch._zstat = first.fut._zstat
+        header = self.session.header("apply_request", retries=first.retries, reply_to=self.reply_to)
+        batch.msg_id = bid = header["msg_id"]
+        futures = self._futures
+        items, buffers = [], list(first.fn_frames)
+        for e in group:
+            f = e.fut
+            # a cancel from now on asks for the batch (Client._abort_batched)
+            f._zbatch = batch
+            futures.pop(f.msg_id, None)
+            items.append([f.msg_id, len(e.arg_frames)])
+            buffers += e.arg_frames
+        batch._items = [e.fut for e in group]
+        batch.add_done_callback(_batch_done)
+        futures[bid] = (batch, None)
+        self._batched[bid] = len(group) - 1
+        self._batched_n += len(group) - 1
+        content["batch"] = items
+        return bid, self.session.pack("apply_request", content, header=header, buffers=buffers), len(group)
+
+    def _landed(self, msg_id) -> None:
+        """A load-balanced task (or batch) is no longer at the scheduler: answered or
+        dropped there.  ``_batched`` changes only in the IO thread (see __init__)."""
+        self._inflight.discard(msg_id)
+        if self._batched:
+            n = self._batched.pop(msg_id, 0)
+            if n:
+                self._batched_n -= n
 
     def _make_room(self) -> None:
         """Wake the threads waiting in ``pace`` (and let them wait again later)."""
@@ -824,7 +955,7 @@ class Client:
                         self._drain_releasing(s, h)
                     else:
                         wire.drain(s, h, 5000)
-                if self._held and len(self._inflight) < MAX_IN_FLIGHT:
+                if self._held and not self._full():
                     self._release_held()
                 if self._replies > TRIM_AFTER and not self._futures and not self._held:
                     self._give_back_memory()
@@ -864,6 +995,7 @@ class Client:
             self._futures = dict(self._futures)
             self._held = collections.OrderedDict(self._held)
             self._inflight = set(self._inflight)
+            self._batched = dict(self._batched)
         malloc_trim()
 
     def _drain_releasing(self, sock: zmq.Socket, handler) -> None:
@@ -871,7 +1003,7 @@ class Client:
         scheduler's queue must not run dry while thousands of replies are read."""
         for _ in range(20):
             n = wire.drain(sock, handler, 250)
-            if self._held and len(self._inflight) < MAX_IN_FLIGHT:
+            if self._held and not self._full():
                 self._release_held()
             if n < 250:
                 return
@@ -1040,7 +1172,7 @@ class Client:
         entry = self._futures.pop(header.get("parent_id"), None)
         self._replies += 1
         if self._inflight:
-            self._inflight.discard(header.get("parent_id"))
+            self._landed(header.get("parent_id"))
         if self._direct_frames:
             self._direct_frames.pop(header.get("parent_id"), None)
             self._lost_tries.pop(header.get("parent_id"), None)
@@ -1269,6 +1401,8 @@ class Client:
         self._direct_frames = {}
         self._held = collections.OrderedDict()  # their futures failed above
         self._inflight = set()
+        self._batched = {}
+        self._batched_n = 0
         self._make_room()
         waits, self._abort_waits = self._abort_waits, {}
         for msg_id, w in waits.items():
