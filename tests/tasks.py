@@ -219,3 +219,10 @@ def main_attr(name):
     import sys
 
     return getattr(sys.modules["__main__"], name, None)
+
+
+def exit_at(x, at, code=7):
+    """``x``; the engine exits (os._exit) instead when ``x == at``: one bad item of a flood."""
+    if x == at:
+        os._exit(code)
+    return x

@@ -70,6 +70,29 @@ def test_os_exit_in_task_fails_with_engine_died(cluster, kind):
             ex.engine(err.engine_id).submit(tasks.mul, 1, 1)
 
 
+def test_an_engine_dying_in_a_batched_flood_fails_its_batches_tasks_only(cluster, monkeypatch):
+    # submits of a short function travel in batches (see Client._coalesce): an item
+    # that kills its engine fails with the tasks of the batches that engine held,
+    # every other task gets its result, and none hangs
+    from zexec import client as client_mod
+
+    monkeypatch.setattr(client_mod, "COALESCE_AT", 0, raising=False)
+    ex = cluster.ex
+    ex.client._runtimes[client_mod._stat_key(tasks.exit_at)] = 1e-5
+    fs = [ex.submit(tasks.exit_at, i, 1500) for i in range(3000)]
+    died = []
+    for i, f in enumerate(fs):
+        try:
+            assert f.result(60) == i
+        except EngineDiedError as e:
+            died.append((i, e))
+    assert 1500 in [i for i, _ in died]
+    assert {e.engine_id for _, e in died} == {died[0][1].engine_id}
+    assert all(fs[i]._zbatch is not None for i, _ in died)
+    assert len(died) < 3000 // 2
+    wait_until(lambda: len(ex.engines) == cluster.n, 30, what="a replacement engine")
+
+
 def test_pure_scheme_engine_death_fails_exactly_its_tasks(cluster):
     ex = ZmqExecutor(connection=cluster.connection_file, scheme="pure")
     try:

@@ -378,3 +378,85 @@ def test_a_long_map_of_new_short_items_learns_to_batch_from_its_first_replies(cl
     assert getattr(fs[0], "_zbatch", None) is None
     assert any(getattr(f, "_zbatch", None) is not None for f in fs)
     assert list(ex.map(fn, range(50))) == [i + 1 for i in range(50)]
+
+
+def _short(ex, fn):
+    """Record ``fn`` as known short, as its first replies would."""
+    ex.client._runtimes[client_mod._stat_key(fn)] = 1e-5
+
+
+def test_a_flood_of_a_short_functions_submits_travels_in_batches(cluster, monkeypatch):
+    # one message per tiny task cost the scheduler and the engines more than the
+    # tasks: past COALESCE_AT in flight, submits of a function known short are held
+    # as their pickled parts and leave together, each with its own outcome
+    monkeypatch.setattr(client_mod, "COALESCE_AT", 8, raising=False)
+    ex = cluster.ex
+    _short(ex, tasks.positive)
+    before = ex.status()["tasks"].get("submitted", 0)
+    xs = [(-i if i % 97 == 5 else i) for i in range(3000)]
+    fs = [ex.submit(tasks.positive, x) for x in xs]
+    for x, f in zip(xs, fs):
+        if x < 0:
+            with pytest.raises(ValueError, match=f"negative: {x}$"):
+                f.result(60)
+        else:
+            assert f.result(60) == x
+    assert sum(getattr(f, "_zbatch", None) is not None for f in fs) > 2000
+    # the scheduler and the hub saw the batches, not 3000 messages
+    wait_until(lambda: ex.status()["tasks"].get("submitted", 0) > before, 10, what="the hub's records")
+    assert ex.status()["tasks"]["submitted"] - before < 1000
+    wait_until(lambda: not ex.client._inflight and not ex.client._batched_n and not ex.client._held,
+               10, what="the flood to drain")
+
+
+def test_a_held_submit_runs_with_its_arguments_as_they_were_at_submit(cluster, monkeypatch):
+    monkeypatch.setattr(client_mod, "COALESCE_AT", 0, raising=False)
+    ex = cluster.ex
+    _short(ex, tasks.identity)
+    args = [[i] for i in range(500)]
+    fs = [ex.submit(tasks.identity, a) for a in args]
+    for a in args:
+        a.append("changed after submit")
+    assert [f.result(60) for f in fs] == [[i] for i in range(500)]
+
+
+def test_submits_of_other_callables_keep_their_order_among_held_ones(cluster, monkeypatch):
+    # a partial (state pickled per task) or a time limit never joins a batch; held
+    # beside batched tasks, it keeps its place and its own message
+    monkeypatch.setattr(client_mod, "COALESCE_AT", 0, raising=False)
+    ex = cluster.ex
+    _short(ex, tasks.mul)
+    fs = []
+    for i in range(600):
+        if i % 50 == 0:
+            fs.append(ex.submit(functools.partial(tasks.mul, y=3), i))
+        elif i % 50 == 25:
+            fs.append(ex.options(timeout=30).submit(tasks.mul, i, 3))
+        else:
+            fs.append(ex.submit(tasks.mul, i, 3))
+    assert [f.result(60) for f in fs] == [3 * i for i in range(600)]
+    assert all(getattr(f, "_zbatch", None) is None for i, f in enumerate(fs) if i % 25 == 0)
+
+
+def test_a_flood_of_held_submits_is_cancelled_here_or_by_whole_batches(cluster, tmp_path, monkeypatch):
+    monkeypatch.setattr(client_mod, "COALESCE_AT", 0, raising=False)
+    ex = cluster.ex
+    _short(ex, tasks.touch)
+    release = str(tmp_path / "release")
+    blockers = [ex.submit(tasks.wait_for_file, release) for _ in range(len(ex.engines))]
+    try:
+        fs = [ex.submit(tasks.touch, str(tmp_path / f"ran{i}"), i) for i in range(400)]
+        wait_until(lambda: not ex.client._held, 10, what="the held tasks to leave in batches")
+        batched = [f for f in fs if getattr(f, "_zbatch", None) is not None]
+        assert batched
+        assert not batched[0].cancel()  # one task of a batch: its batch still runs
+        cancelled = cancel_all(fs)  # whole batches: every task of each is asked for
+        assert len(cancelled) >= len(fs) - 1 - len(batched[0]._zbatch._items)
+    finally:
+        open(release, "w").close()
+    assert [b.result(30) for b in blockers] == [None] * len(blockers)
+    for i, f in enumerate(fs):
+        if f.cancelled():
+            assert not os.path.exists(tmp_path / f"ran{i}")
+        else:
+            assert f.result(30) == i and os.path.exists(tmp_path / f"ran{i}")
