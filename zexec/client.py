@@ -146,12 +146,13 @@ def _batch_done(fut: Future) -> None:
 class _Held:
     """A load-balanced task held here unsent as its pickled parts, not yet a message.
 
-    Held only in a flood (the scheduler already has MAX_IN_FLIGHT of ours) and only a
-    plain function's small task (one argument frame, no time limit): such tasks sent
-    in a row to one function are short, and they leave in batches (``_release_held``),
-    one trip for many instead of a message per task through the scheduler and an
-    engine, which cost more CPU than the task itself.  Its arguments were pickled at
-    submit (what the caller changes later is not seen, as for any task)."""
+    Held only in a flood (the scheduler has COALESCE_AT of ours, or tasks are held
+    already) and only a plain function's small task (one argument frame, no time
+    limit): the IO thread sends it with the held tasks of the same function beside it
+    as one batch when that function is known short (``_coalesce``), one trip for many
+    instead of a message per task through the scheduler and an engine, which cost
+    more CPU than such a task itself.  Its arguments were pickled at submit (what the
+    caller changes later is not seen, as for any task)."""
 
     __slots__ = ("fut", "key", "fn_frames", "arg_frames", "retries")
 
@@ -816,7 +817,12 @@ class Client:
         batch._zstat = first.fut._zstat
         header = self.session.header("apply_request", retries=first.retries, reply_to=self.reply_to)
         batch.msg_id = bid = header["msg_id"]
+        # the batch is registered before its tasks leave the registry: should anything
+        # below fail, the IO thread's failure fails the batch, and so each of them
+        batch._items = [e.fut for e in group]
+        batch.add_done_callback(_batch_done)
         futures = self._futures
+        futures[bid] = (batch, None)
         items, buffers = [], list(first.fn_frames)
         for e in group:
             f = e.fut
@@ -825,9 +831,6 @@ class Client:
             futures.pop(f.msg_id, None)
             items.append([f.msg_id, len(e.arg_frames)])
             buffers += e.arg_frames
-        batch._items = [e.fut for e in group]
-        batch.add_done_callback(_batch_done)
-        futures[bid] = (batch, None)
         self._batched[bid] = len(group) - 1
         self._batched_n += len(group) - 1
         content["batch"] = items
