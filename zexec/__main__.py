@@ -1,5 +1,9 @@
 """Command line: ``zexec controller|engine|status|stop|local`` (also ``python -m zexec``).
 
+``controller`` and ``engine`` are the process commands of zexec.commands (which the
+processes LocalCluster forks run too); ``status``, ``stop`` and ``local`` are added here,
+on top: they use the client and LocalCluster.
+
 Every failure a user can cause (a missing or stale connection file, a directory that
 does not exist, a controller that does not answer) is one line on stderr and exit
 status 1, never a Python traceback.
@@ -9,86 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
-DEFAULT_CONNECTION_FILE = "zexec-cluster.json"
-
-
-class CommandError(Exception):
-    """A failure to report as one line (``zexec CMD: error: ...``), with exit status 1."""
-
-
-def _read_info(path: str):
-    """The connection file, or a CommandError that says what is wrong with it."""
-    from .connection import ConnectionInfo
-
-    try:
-        return ConnectionInfo.read(path)
-    except FileNotFoundError:
-        raise CommandError(f"no connection file {path} (a controller writes it: "
-                           "zexec controller --connection-file PATH)") from None
-    except IsADirectoryError:
-        raise CommandError(f"{path} is a directory, not a connection file") from None
-    except OSError as e:
-        raise CommandError(f"cannot read the connection file {path}: {e.strerror}") from None
-    except (ValueError, TypeError, KeyError) as e:
-        raise CommandError(f"{path} is not a zexec connection file ({e})") from None
-
-
-def _port_range(text: str) -> tuple[int, int]:
-    try:
-        a, b = (int(x) for x in text.split("-"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port range like 20000-20100") from None
-    if not 0 < a <= b < 65536:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port range like 20000-20100")
-    return a, b
-
-
-def _controller(args) -> int:
-    from .connection import ConnectionInfo, allocate, new_curve_keys, new_key
-    from .controller import supervisor
-
-    if args.reuse:
-        info = _read_info(args.connection_file)
-    else:
-        rng = args.port_range
-        location = args.location
-        if location is None and args.ip in ("0.0.0.0", "*"):
-            import socket
-
-            location = socket.gethostbyname(socket.gethostname())
-        info = ConnectionInfo(key=new_key(), transport="tcp", ip=args.ip,
-                              heartbeat_period=args.heartbeat_period,
-                              heartbeat_misses=args.heartbeat_misses, location=location,
-                              curve=new_curve_keys() if args.curve else None)
-        try:
-            info = allocate(info, port_range=rng)
-        except OSError as e:
-            raise CommandError(f"cannot listen on {args.ip}: {e.strerror or e}") from None
-        folder = os.path.dirname(os.path.abspath(args.connection_file))
-        if not os.path.isdir(folder):
-            raise CommandError(f"cannot write the connection file {args.connection_file}: "
-                               f"no directory {folder}")
-        try:
-            info.write(args.connection_file)
-        except OSError as e:
-            raise CommandError(f"cannot write the connection file {args.connection_file}: "
-                               f"{e.strerror}") from None
-    path = os.path.abspath(args.connection_file)
-    return supervisor.run(info, hwm=args.hwm, parent_pid=args.parent_pid,
-                          no_engine_timeout=args.no_engine_timeout, cleanup=tuple(args.cleanup),
-                          ready_message=f"zexec controller running; connection file: {path}")
-
-
-def _engine(args) -> int:
-    from .engineset import main
-
-    info = _read_info(args.connection_file)
-    return main(info, args.n, parent_pid=args.parent_pid, replace=args.replace,
-                log_dir=args.log_dir, max_tasks=args.max_tasks, init_file=args.init_file,
-                preload=[m for arg in args.preload for m in arg.split(",") if m])
+from . import commands
+from .commands import CommandError, read_info
 
 
 def _client(args):
@@ -100,7 +28,7 @@ def _client(args):
     from .client import Client
     from .errors import ClusterLostError
 
-    info = _read_info(args.connection_file)
+    info = read_info(args.connection_file)
     try:
         return Client(info, timeout=args.connect_timeout, forward_output=False)
     except ClusterLostError as e:
@@ -179,42 +107,7 @@ def _local(args) -> int:
 
 def parser() -> argparse.ArgumentParser:
     """The command line's parser (its sub-commands and every option's help)."""
-    p = argparse.ArgumentParser(prog="zexec", description="A ZeroMQ compute cluster behind concurrent.futures.")
-    sub = p.add_subparsers(dest="command", required=True)
-
-    c = sub.add_parser("controller", help="start the hub, schedulers and heartbeat; write the connection file")
-    c.add_argument("--ip", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for all)")
-    c.add_argument("--location", default=None,
-                   help="address engines and clients connect to, when --ip is 0.0.0.0 (default: this host's address)")
-    c.add_argument("--port-range", type=_port_range, help="ports to use, e.g. 20000-20100 (default: any free)")
-    c.add_argument("--connection-file", default=DEFAULT_CONNECTION_FILE,
-                   help="where to write the connection file (default %(default)s)")
-    c.add_argument("--heartbeat-period", type=float, default=0.5, help="seconds between pings (default 0.5)")
-    c.add_argument("--heartbeat-misses", type=int, default=6,
-                   help="missed pings before an engine is declared dead (default 6)")
-    c.add_argument("--curve", action="store_true",
-                   help="encrypt all traffic with CurveZMQ (keys generated now, kept in the connection file)")
-    c.add_argument("--hwm", type=int, default=None, help="fixed bound on tasks outstanding per engine (default adaptive)")
-    c.add_argument("--no-engine-timeout", type=float, default=30.0,
-                   help="fail queued load-balanced tasks after this many seconds without any engine (default 30)")
-    c.add_argument("--reuse", action="store_true", help="use the connection file as it is (key and addresses)")
-    c.add_argument("--parent-pid", type=int, default=0, help=argparse.SUPPRESS)
-    c.add_argument("--cleanup", action="append", default=[], help=argparse.SUPPRESS)
-    c.set_defaults(func=_controller)
-
-    e = sub.add_parser("engine", help="start engines that join a controller")
-    e.add_argument("--connection-file", required=True, help="the controller's connection file")
-    e.add_argument("-n", type=int, default=1, help="number of engines (default 1)")
-    e.add_argument("--replace", action="store_true", help="replace engines that die, keeping n alive")
-    e.add_argument("--max-tasks", type=int, default=None, help="recycle an engine after this many tasks")
-    e.add_argument("--log-dir", default=None, help="one log file per engine in this directory")
-    e.add_argument("--preload", action="append", default=[], metavar="MODULES",
-                   help="modules (comma-separated; repeatable) to import before the engines are "
-                        "forked, so each starts with them loaded; one that fails is skipped")
-    e.add_argument("--init-file", default=None, help=argparse.SUPPRESS)
-    e.add_argument("--parent-pid", type=int, default=0, help=argparse.SUPPRESS)
-    e.set_defaults(func=_engine)
-
+    p, sub = commands.parser()  # controller, engine
     for name, fn, text in (("status", _status, "engines, queues and tasks of a running cluster"),
                            ("stop", _stop, "stop the controller, its engines and the engine sets "
                                            "that run them")):
@@ -239,12 +132,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    try:
-        return args.func(args) or 0
-    except CommandError as e:
-        print(f"zexec {args.command}: error: {e}", file=sys.stderr)
-        return 1
+    return commands.run(parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@ Each child also exits when this process dies, even by SIGKILL.
 The two commands run either in processes forked from this one (``start_method="fork"``,
 the default on Linux: see zexec.forked), so the engines start with everything this
 program has imported, or as fresh interpreters (``"spawn"``: ``python -m zexec ...``),
-whose engine set imports the script's modules itself (``preload``).
+whose engine set imports the script's modules itself (``preload``).  Both run the same
+code, zexec.commands: a forked process calls it directly, never the command line above
+this module (``zexec.__main__``, whose ``zexec local`` uses LocalCluster).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import types
 import weakref
 from typing import Any, Callable, Sequence
 
+from . import commands
 from . import executor as _executor
 from . import forked
 from ._proc import tail
@@ -229,7 +232,7 @@ class LocalCluster:
     def _fork(self, name: str, argv: list) -> None:
         log_path = os.path.join(self.dir, f"{name}.log")
         self.logs[name] = log_path
-        self.procs[name] = forked.start(functools.partial(_command, argv), log_path,
+        self.procs[name] = forked.start(functools.partial(commands.main, argv), log_path,
                                         args=["zexec", *argv])
 
     def _spawn(self, name: str, cmd: list, env: dict) -> None:
@@ -373,13 +376,6 @@ class LocalCluster:
     def __del__(self) -> None:
         if getattr(self, "procs", None):  # None: __init__ refused its arguments
             self.stop(timeout=1.0)
-
-
-def _command(argv: list) -> int:
-    """In a forked child: what ``python -m zexec ARGV`` runs."""
-    from .__main__ import main
-
-    return main(argv)
 
 
 def _how_it_ended(rc: int) -> str:

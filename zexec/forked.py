@@ -2,8 +2,8 @@
 
 ``LocalCluster(start_method="fork")`` starts its engine set (and controller) this way
 instead of as a fresh ``python -m zexec ...``: the child starts at once with everything
-the program has imported, ``__main__`` as it is, and runs the same command line
-(``zexec.__main__.main(argv)``) the spawned process would.
+the program has imported, ``__main__`` as it is, and runs the same command
+(``zexec.commands.main(argv)``) the spawned process would.
 
 What the child does before it runs, because it is a copy of a process it must not disturb:
 
