@@ -460,3 +460,24 @@ def test_a_flood_of_held_submits_is_cancelled_here_or_by_whole_batches(cluster, 
             assert not os.path.exists(tmp_path / f"ran{i}")
         else:
             assert f.result(30) == i and os.path.exists(tmp_path / f"ran{i}")
+
+
+def test_a_task_sent_in_a_batch_is_not_interrupted_alone_and_says_so(cluster, tmp_path, monkeypatch):
+    # the engine runs a batch as one task: an interrupt names that task, never one of
+    # its items, so interrupt() of a flood's batched submit cannot act, and must say so
+    # (it returned True and the task ran on to its end)
+    monkeypatch.setattr(client_mod, "COALESCE_AT", 0, raising=False)
+    ex = cluster.ex
+    _short(ex, tasks.wait_for_file)
+    release = str(tmp_path / "release")
+    fs = [ex.submit(tasks.wait_for_file, release, 30, i) for i in range(200)]
+    try:
+        wait_until(lambda: not ex.client._held, 10, what="the held tasks to leave in batches")
+        batched = [f for f in fs if getattr(f, "_zbatch", None) is not None]
+        assert batched
+        wait_until(lambda: batched[0].running(), 10, what="a batch to start")
+        assert ex.interrupt(batched[0]) is False
+        assert ex.interrupt(batched[-1]) is False  # queued behind, in a batch asked for in part
+    finally:
+        open(release, "w").close()
+    assert [f.result(30) for f in fs] == list(range(200))

@@ -579,13 +579,15 @@ class Client:
         cancelled (as ``cancel()``); a running one is interrupted through the control
         channel, and its future fails with TaskInterrupted once it stops (or with
         whatever it returns, if it catches the interrupt and returns).  If it has not
-        stopped ``grace`` seconds later, its engine fails it and exits.
+        stopped ``grace`` seconds later, its engine fails it and exits.  A task that
+        left in a batch (a map's item, a flood's submit) runs inside its batch's task,
+        which the engine knows, not it: unless cancelled, it runs on (False).
         """
         if fut.done() or getattr(fut, "_zclient", None) is not self:
             return False
         if not fut.running() and fut.cancel():
             return True
-        if fut.done():
+        if fut.done() or getattr(fut, "_zbatch", None) is not None:
             return False
         self._outbox.append(("interrupt", ("interrupt", grace), fut.msg_id, fut, None))
         self._wake()

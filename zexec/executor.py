@@ -191,7 +191,9 @@ class _ExecutorBase(Executor):
         Running: KeyboardInterrupt is raised in the task, and its future fails with
         zexec.TaskInterrupted (a concurrent.futures.CancelledError) once it stops; the
         other tasks of its engine are untouched.  Not started: it is cancelled, as by
-        ``fut.cancel()``.  Returns False if the future is already done.  A task that
+        ``fut.cancel()``.  Returns False if the future is already done, or if its task
+        travels in a batch (a map's item, a flood's submit) and cannot be cancelled:
+        it runs inside its batch, and cannot be interrupted alone.  A task that
         does not stop within ``grace`` seconds (default 5) fails anyway and its engine
         exits (a LocalCluster replaces it).
         """
