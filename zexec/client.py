@@ -147,21 +147,23 @@ class _Held:
     """A load-balanced task held here unsent as its pickled parts, not yet a message.
 
     Held only in a flood (the scheduler has COALESCE_AT of ours, or tasks are held
-    already) and only a plain function's small task (one argument frame, no time
-    limit): the IO thread sends it with the held tasks of the same function beside it
+    already) and only a small task (one argument frame, no time limit; a callable
+    object rides in its arguments, see ``Client._held_task``): the IO thread sends it with the held tasks of the same function beside it
     as one batch when that function is known short (``_coalesce``), one trip for many
     instead of a message per task through the scheduler and an engine, which cost
     more CPU than such a task itself.  Its arguments were pickled at submit (what the
     caller changes later is not seen, as for any task)."""
 
-    __slots__ = ("fut", "key", "fn_frames", "arg_frames", "retries")
+    __slots__ = ("fut", "key", "fn_frames", "arg_frames", "retries", "refs")
 
-    def __init__(self, fut: ZFuture, key: str, fn_frames: list, arg_frames: list, retries: int) -> None:
+    def __init__(self, fut: ZFuture, key: str, fn_frames: list, arg_frames: list, retries: int,
+                 refs: dict) -> None:
         self.fut = fut
         self.key = key
         self.fn_frames = fn_frames
         self.arg_frames = arg_frames
         self.retries = retries
+        self.refs = refs  # key -> frames of the by-value functions its payload refers to
 
 
 @atexit.register
@@ -432,6 +434,11 @@ class Client:
         if target is not None and target not in self._engines:
             self._no_engine(target)
         fut = ZFuture()
+        if (target is None and batch is None and not chunk and timeout is None
+                and (self._held or len(self._inflight) + self._batched_n >= COALESCE_AT)):
+            entry = self._held_task(fut, fn, args, kwargs, retries)
+            if entry is not None:
+                return self._hold(entry)
         fn_refs: dict = {}
         try:
             key, fn_frames = self._pack_fn(fn, fn_refs)
@@ -448,16 +455,7 @@ class Client:
             return fut
         fut._zclient = self
         fut._zstat = _stat_key(fn)
-        msg_id = None
-        if (target is None and batch is None and not chunk and timeout is None and key
-                and not fn_refs and len(arg_frames) == 1
-                and (self._held or len(self._inflight) + self._batched_n >= COALESCE_AT)):
-            # a flood of a plain function's small tasks: held as parts, to leave in
-            # batches (see _Held); no message is built for it here
-            fut.msg_id = msg_id = self.session.new_id()
-            if self._hold(msg_id, _Held(fut, key, fn_frames, arg_frames, retries)):
-                return fut
-        header = self.session.header("apply_request", msg_id, retries=retries, reply_to=self.reply_to)
+        header = self.session.header("apply_request", retries=retries, reply_to=self.reply_to)
         fut.msg_id = msg_id = header["msg_id"]
         content = {"fn": key, "nfn": len(fn_frames)}
         if chunk:
@@ -466,12 +464,7 @@ class Client:
             content["batch"] = items
             if packed:
                 content["packed"] = packed
-        ref_frames: list = []
-        if fn_refs:
-            # the functions the payload refers to, first: [[key, number of frames], ...]
-            content["refs"] = [[k, len(v)] for k, v in fn_refs.items()]
-            for v in fn_refs.values():
-                ref_frames += v
+        ref_frames = self._refs(content, fn_refs)
         buffers = [*ref_frames, *fn_frames, *arg_frames]
         if self.shm is not None and len(arg_frames) > 1:
             refs = self.shm.export(buffers, len(ref_frames) + len(fn_frames))  # [] when tmpfs is full
@@ -533,29 +526,81 @@ class Client:
         """Whether the scheduler holds MAX_IN_FLIGHT of our load-balanced tasks."""
         return len(self._inflight) + self._batched_n >= MAX_IN_FLIGHT
 
-    def _hold(self, msg_id: str, entry: _Held) -> bool:
-        """Hold a task as its parts while the flood goes on (the IO thread sends it
-        at once, with those held beside it, if the scheduler has room: it is woken);
-        False if the flood is over after all (it then goes as a message of its own)."""
-        futures = self._futures
+    def _held_task(self, fut: ZFuture, fn: Callable, args: Any, kwargs: dict | None,
+                   retries: int) -> _Held | None:
+        """A flood's task as the parts it waits here as (see _Held), or None when it
+        cannot join a batch (large arguments, or they fail to pickle: ``submit`` then
+        sends it, or reports the error, as a task of its own).
+
+        A callable object (a partial, a bound method, a wrapper) is pickled with its
+        arguments, as ``serialize.call``'s first one, and afresh for each task (its
+        state may change between submits): so its tasks batch as a plain function's
+        do, and the functions it refers to (``refs``) travel once per batch."""
+        refs: dict = {}
+        by_ref = functools.partial(self._ref_fn, refs)
         try:
-            futures[msg_id] = (entry.fut, None)  # registered first, as in submit
+            if isinstance(fn, _CACHEABLE):
+                key, fn_frames = self._cached_fn(fn)
+                arg_frames = serialize.dumps((args, kwargs or {}), by_ref)
+            else:
+                key, fn_frames = self._cached_fn(serialize.call)
+                arg_frames = serialize.dumps(((fn, *args), kwargs or {}), by_ref)
+        except Exception:  # noqa: BLE001 - submit pickles it again and fails this future only
+            return None
+        if len(arg_frames) != 1:
+            return None  # out-of-band buffers (shared memory, snapshots): alone
+        fut._zclient = self
+        fut._zstat = _stat_key(fn)
+        fut.msg_id = self.session.new_id()
+        return _Held(fut, key, fn_frames, arg_frames, retries, refs)
+
+    def _hold(self, entry: _Held) -> ZFuture:
+        """Hold a flood's task here (the IO thread sends it at once, with those held
+        beside it, if the scheduler has room: it is woken), or, should the flood be
+        over, send it now as a message of its own."""
+        fut, msg_id = entry.fut, entry.fut.msg_id
+        futures = self._futures
+        sent = False
+        try:
+            futures[msg_id] = (fut, None)  # registered first, as in submit
             with self._send_lock:
                 self.check()
                 if futures is not self._futures:
-                    self._futures[msg_id] = (entry.fut, None)  # see submit
+                    self._futures[msg_id] = (fut, None)  # see submit
                 if self._held or len(self._inflight) + self._batched_n >= COALESCE_AT:
                     self._held[msg_id] = entry
                     room = not self._full()
                 else:
-                    return False
+                    frames = self._single(msg_id, entry)
+                    self._inflight.add(msg_id)  # counted before it leaves, as in submit
+                    sent = True
+                    wire.send_frames(self.task_send, frames)
+                    return fut
             if room:
                 self._wake()
-            return True
+            return fut
         except BaseException:
+            if sent:
+                self._inflight.discard(msg_id)
             futures.pop(msg_id, None)
             self._futures.pop(msg_id, None)
             raise
+
+    def _single(self, msg_id: str, e: _Held) -> list:
+        """A held task's message, alone."""
+        content: dict = {"fn": e.key, "nfn": len(e.fn_frames)}
+        header = self.session.header("apply_request", msg_id, retries=e.retries, reply_to=self.reply_to)
+        return self.session.pack("apply_request", content, header=header,
+                                 buffers=[*self._refs(content, e.refs), *e.fn_frames, *e.arg_frames])
+
+    @staticmethod
+    def _refs(content: dict, refs: dict) -> list:
+        """The frames of the by-value functions a payload refers to, first in the
+        message; ``content["refs"]`` names them ([[key, number of frames], ...])."""
+        if not refs:
+            return []
+        content["refs"] = [[k, len(v)] for k, v in refs.items()]
+        return [f for v in refs.values() for f in v]
 
     def _arm(self, fut: ZFuture, limit: float, grace: float) -> None:
         deadline = time.monotonic() + limit
@@ -804,16 +849,14 @@ class Client:
             while held and len(group) < k:
                 nid = next(iter(held))
                 e = held[nid]
-                if type(e) is not _Held or e.key != first.key or e.retries != first.retries:
+                if (type(e) is not _Held or e.key != first.key or e.retries != first.retries
+                        or e.fut._zstat is not first.fut._zstat or e.refs.keys() != first.refs.keys()):
                     break
                 del held[nid]
                 group.append(e)
-        content: dict = {"fn": first.key, "nfn": len(first.fn_frames)}
         if len(group) == 1:
-            header = self.session.header("apply_request", msg_id, retries=first.retries,
-                                         reply_to=self.reply_to)
-            return msg_id, self.session.pack("apply_request", content, header=header,
-                                             buffers=[*first.fn_frames, *first.arg_frames]), 1
+            return msg_id, self._single(msg_id, first), 1
+        content: dict = {"fn": first.key, "nfn": len(first.fn_frames)}
         batch = ZFuture()
         batch._zclient = self
         batch._zstat = first.fut._zstat
@@ -825,7 +868,7 @@ class Client:
         batch.add_done_callback(_batch_done)
         futures = self._futures
         futures[bid] = (batch, None)
-        items, buffers = [], list(first.fn_frames)
+        items, buffers = [], [*self._refs(content, first.refs), *first.fn_frames]
         for e in group:
             f = e.fut
             # a cancel from now on asks for the batch (Client._abort_batched)

@@ -290,6 +290,12 @@ def run_chunk(fn: Callable, chunk: Sequence[tuple]) -> list:
     return [fn(*args) for args in chunk]
 
 
+def call(fn: Callable, /, *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)``: the function of a flood's tasks of a callable object,
+    which travels in each task's arguments (see ``Client._held_task``)."""
+    return fn(*args, **kwargs)
+
+
 def run_batch(fn: Callable, items: Sequence, frames: Sequence[Any],
               refs: dict | None = None, after: Callable | None = None,
               packed: int = 0) -> tuple[list, list, int]:
