@@ -514,3 +514,27 @@ def test_a_batched_callable_objects_error_keeps_its_own_traceback(cluster, monke
     assert "def positive" in tb or "in positive" in tb
     assert "serialize.py" not in str(getattr(info.value, "__cause__", ""))
     assert [f.result(60) for i, f in enumerate(fs) if i != 150] == [i for i in range(300) if i != 150]
+
+
+def test_a_submit_interrupted_after_it_was_held_never_runs(cluster, tmp_path, monkeypatch):
+    # KeyboardInterrupt in the submitting thread after its task was held (in the wake-up
+    # of the IO thread, a system call): the caller never gets the future, so the task
+    # must not leave later in a batch and run unseen
+    monkeypatch.setattr(client_mod, "COALESCE_AT", 0, raising=False)
+    ex = cluster.ex
+    _short(ex, tasks.touch)
+    client = ex.client
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    client._wake = interrupted
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            ex.submit(tasks.touch, str(tmp_path / "interrupted"), -1)
+    finally:
+        del client._wake
+    # the same function's next submits leave right behind it, in its batch if it went
+    fs = [ex.submit(tasks.touch, str(tmp_path / f"ran{i}"), i) for i in range(50)]
+    assert [f.result(30) for f in fs] == list(range(50))
+    assert not os.path.exists(tmp_path / "interrupted")

@@ -582,8 +582,12 @@ class Client:
         except BaseException:
             if sent:
                 self._inflight.discard(msg_id)
+            # interrupted (KeyboardInterrupt, in _wake's system call too): the caller never
+            # gets this future, so its task must not leave later and run unseen
             futures.pop(msg_id, None)
             self._futures.pop(msg_id, None)
+            with self._send_lock:
+                self._held.pop(msg_id, None)
             raise
 
     def _single(self, msg_id: str, e: _Held) -> list:
