@@ -538,3 +538,25 @@ def test_a_submit_interrupted_after_it_was_held_never_runs(cluster, tmp_path, mo
     fs = [ex.submit(tasks.touch, str(tmp_path / f"ran{i}"), i) for i in range(50)]
     assert [f.result(30) for f in fs] == list(range(50))
     assert not os.path.exists(tmp_path / "interrupted")
+
+
+def test_a_kept_future_of_a_batched_flood_does_not_keep_its_batchs_other_results(cluster, monkeypatch):
+    # a task that left in a batch refers to its batch (to cancel it as a whole); once the
+    # batch has its outcome, the batch must not keep every other task of it and its
+    # result alive for as long as the caller keeps one future
+    import gc
+    import weakref
+
+    monkeypatch.setattr(client_mod, "COALESCE_AT", 0, raising=False)
+    ex = cluster.ex
+    _short(ex, tasks.identity)
+    fs = [ex.submit(tasks.identity, [i]) for i in range(600)]
+    assert [f.result(60) for f in fs] == [[i] for i in range(600)]
+    kept = next(f for f in fs if getattr(f, "_zbatch", None) is not None)
+    others = [weakref.ref(f) for f in fs if f is not kept and getattr(f, "_zbatch", None) is kept._zbatch]
+    assert others
+    value = kept.result()
+    del fs
+    gc.collect()
+    assert [r() for r in others] == [None] * len(others)
+    assert kept.result() is value

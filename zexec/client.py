@@ -132,14 +132,18 @@ def batch_size(n: int, engines: int, mean: float) -> int:
 
 
 def _batch_done(fut: Future) -> None:
-    """A batch failed or was dropped as a whole: so did each of its items."""
+    """A batch failed or was dropped as a whole: so did each of its items.
+
+    Then it lets its items go: each item keeps its batch (``_zbatch``), and a caller
+    who keeps one item must not keep every other item and its result with it."""
+    items, fut._items = fut._items, ()
     if fut.cancelled():
-        for item in fut._items:
+        for item in items:
             cancel_dropped(item)
         return
     exc = fut.exception()
     if exc is not None:
-        for item in fut._items:
+        for item in items:
             _fail(item, exc)
 
 
