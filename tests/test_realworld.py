@@ -467,39 +467,23 @@ def test_a_task_sent_in_a_batch_is_not_interrupted_alone_and_says_so(cluster, tm
     # its items, so interrupt() of a flood's batched submit cannot act, and must say so
     # (it returned True and the task ran on to its end)
     monkeypatch.setattr(client_mod, "COALESCE_AT", 0, raising=False)
+    monkeypatch.setattr(client_mod, "MAX_IN_FLIGHT", 0)  # all held first: none leaves alone
     ex = cluster.ex
     _short(ex, tasks.wait_for_file)
     release = str(tmp_path / "release")
     fs = [ex.submit(tasks.wait_for_file, release, 30, i) for i in range(200)]
     try:
+        monkeypatch.setattr(client_mod, "MAX_IN_FLIGHT", 2000)
+        ex.client._wake()
         wait_until(lambda: not ex.client._held, 10, what="the held tasks to leave in batches")
-        batched = [f for f in fs if getattr(f, "_zbatch", None) is not None]
-        assert batched
-        wait_until(lambda: batched[0].running(), 10, what="a batch to start")
-        assert ex.interrupt(batched[0]) is False
-        assert ex.interrupt(batched[-1]) is False  # queued behind, in a batch asked for in part
+        assert all(getattr(f, "_zbatch", None) is not None for f in fs)
+        wait_until(lambda: any(f.running() for f in fs), 10, what="a batch to start")
+        assert ex.interrupt(next(f for f in fs if f.running())) is False
+        # queued or running: no task of a batch asked for in part is dropped or interrupted
+        assert ex.interrupt(fs[-1]) is False
     finally:
         open(release, "w").close()
     assert [f.result(30) for f in fs] == list(range(200))
-
-def test_a_flood_of_a_callable_objects_submits_travels_in_batches_seeing_its_state(cluster, monkeypatch):
-    # a partial or a wrapper of a by-value function: pickled with each task's
-    # arguments (its state at that submit), its tasks batch as a plain function's do
-    monkeypatch.setattr(client_mod, "COALESCE_AT", 0, raising=False)
-    scale, _ = _by_value_functions()
-    ex = cluster.ex
-    _short(ex, scale)  # what partials of it are recorded under
-    _short(ex, tasks.Scaled)  # and the wrapper's instances
-    wrapper = tasks.Scaled(scale, 0)
-    fs = []
-    for i in range(900):
-        wrapper.k = i % 7  # changes between submits: each task sees its own
-        if i // 100 % 2:
-            fs.append(ex.submit(wrapper, i))
-        else:
-            fs.append(ex.submit(functools.partial(scale, k=i % 7), i))
-    assert [f.result(60) for f in fs] == [i * (i % 7) for i in range(900)]
-    assert sum(getattr(f, "_zbatch", None) is not None for f in fs) > 600
 
 
 def test_a_batched_callable_objects_error_keeps_its_own_traceback(cluster, monkeypatch):
@@ -557,6 +541,7 @@ def test_a_kept_future_of_a_batched_flood_does_not_keep_its_batchs_other_results
     assert others
     value = kept.result()
     del fs
-    gc.collect()
-    assert [r() for r in others] == [None] * len(others)
+    # (the IO thread may still be settling that batch when the last result is read)
+    wait_until(lambda: gc.collect() >= 0 and all(r() is None for r in others), 10,
+               what="the other tasks of the kept future's batch to be freed")
     assert kept.result() is value
