@@ -486,6 +486,26 @@ def test_a_task_sent_in_a_batch_is_not_interrupted_alone_and_says_so(cluster, tm
     assert [f.result(30) for f in fs] == list(range(200))
 
 
+def test_a_flood_of_a_callable_objects_submits_travels_in_batches_seeing_its_state(cluster, monkeypatch):
+    # a partial or a wrapper of a by-value function: pickled with each task's
+    # arguments (its state at that submit), its tasks batch as a plain function's do
+    monkeypatch.setattr(client_mod, "COALESCE_AT", 0, raising=False)
+    scale, _ = _by_value_functions()
+    ex = cluster.ex
+    _short(ex, scale)  # what partials of it are recorded under
+    _short(ex, tasks.Scaled)  # and the wrapper's instances
+    wrapper = tasks.Scaled(scale, 0)
+    fs = []
+    for i in range(900):
+        wrapper.k = i % 7  # changes between submits: each task sees its own
+        if i // 100 % 2:
+            fs.append(ex.submit(wrapper, i))
+        else:
+            fs.append(ex.submit(functools.partial(scale, k=i % 7), i))
+    assert [f.result(60) for f in fs] == [i * (i % 7) for i in range(900)]
+    assert sum(getattr(f, "_zbatch", None) is not None for f in fs) > 600
+
+
 def test_a_batched_callable_objects_error_keeps_its_own_traceback(cluster, monkeypatch):
     monkeypatch.setattr(client_mod, "COALESCE_AT", 0, raising=False)
     ex = cluster.ex
