@@ -565,3 +565,27 @@ def test_a_kept_future_of_a_batched_flood_does_not_keep_its_batchs_other_results
     wait_until(lambda: gc.collect() >= 0 and all(r() is None for r in others), 10,
                what="the other tasks of the kept future's batch to be freed")
     assert kept.result() is value
+
+
+def test_interleaved_floods_of_two_functions_each_travel_in_batches(cluster, monkeypatch):
+    # threads flooding different functions at once interleave their held tasks: each
+    # batch takes its function's tasks from among the next held ones, not only those
+    # right behind it (it made batches of one, a message per task again)
+    monkeypatch.setattr(client_mod, "COALESCE_AT", 0, raising=False)
+    ex = cluster.ex
+    client = ex.client
+    _short(ex, tasks.mul)
+    _short(ex, tasks.identity)
+    monkeypatch.setattr(client_mod, "MAX_IN_FLIGHT", 0)  # every task waits here first
+    muls, ids = [], []
+    for i in range(120):
+        muls.append(ex.submit(tasks.mul, i, 2))
+        ids.append(ex.submit(tasks.identity, i))
+    assert len(client._held) == 240
+    monkeypatch.setattr(client_mod, "MAX_IN_FLIGHT", 2000)
+    client._wake()
+    assert [f.result(60) for f in muls] == [2 * i for i in range(120)]
+    assert [f.result(60) for f in ids] == list(range(120))
+    for fs in (muls, ids):
+        batches = [f._zbatch for f in fs if getattr(f, "_zbatch", None) is not None]
+        assert len(batches) >= 110 and len(set(map(id, batches))) <= 4

@@ -97,6 +97,8 @@ PACE_MIN = 100
 #: task is held to leave in a batch (see _Held): a new task waits behind those anyway,
 #: and one by one, a flood costs the scheduler and the engines more than its work
 COALESCE_AT = 256
+#: held tasks looked at per task a batch may take, to find those of its function
+SCAN_PER_TASK = 4
 #: replies after which the client, once nothing is pending, gives memory back
 #: (see _give_back_memory)
 TRIM_AFTER = 10_000
@@ -854,14 +856,20 @@ class Client:
         k = self._batch_for(first.fut._zstat, len(held) + 1)
         if k > 1:
             k = min(k, max(1, MAX_IN_FLIGHT // (4 * max(1, len(self._engines)))))
-            while held and len(group) < k:
-                nid = next(iter(held))
-                e = held[nid]
-                if (type(e) is not _Held or e.key != first.key or e.retries != first.retries
-                        or e.fut._zstat is not first.fut._zstat or e.refs.keys() != first.refs.keys()):
+            # the held tasks of the same function among the next few: threads that
+            # flood different functions at once interleave theirs, and a batch of
+            # consecutive tasks only would be a batch of one (tasks of different
+            # threads, or functions, have no order between them to keep)
+            take, seen = [], 0
+            for nid, e in held.items():
+                if seen >= SCAN_PER_TASK * k or len(take) + 1 >= k:
                     break
-                del held[nid]
-                group.append(e)
+                seen += 1
+                if (type(e) is _Held and e.key == first.key and e.retries == first.retries
+                        and e.fut._zstat is first.fut._zstat and e.refs.keys() == first.refs.keys()):
+                    take.append(nid)
+            for nid in take:
+                group.append(held.pop(nid))
         if len(group) == 1:
             return msg_id, self._single(msg_id, first), 1
         content: dict = {"fn": first.key, "nfn": len(first.fn_frames)}
