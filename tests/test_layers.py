@@ -16,7 +16,7 @@ PACKAGE = os.path.join(ROOT, "zexec")
 #: bottom to top; a module imports only its own layer's and lower ones
 LAYERS = [
     {"errors", "protocol", "wire", "serialize", "shm", "connection", "_proc", "futures",
-     "progressbar", "forked"},
+     "progressbar", "forked", "logforward"},
     {"controller", "engine", "engineset", "client"},  # beside each other: see SIDES
     {"executor"},
     {"commands"},  # the process commands: `zexec controller|engine`, forked or spawned

@@ -14,6 +14,13 @@ _FORMAT = "%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s"
 
 
 def setup_logging(level: int | str = None) -> None:
+    """Log to stderr (a cluster process's log file), zexec's loggers at ``level``.
+
+    The level is set on the ``zexec`` logger, not the root: the root keeps the level this
+    process has (a forked one inherits the user's program's, else Python's WARNING), so
+    the records of a task's own loggers pass or not as in a process pool's worker, and
+    the client they are forwarded to applies its own levels (see zexec.logforward).
+    """
     level = level or os.environ.get("ZEXEC_LOG_LEVEL", "INFO")
     root = logging.getLogger()
     for h in list(root.handlers):
@@ -21,7 +28,7 @@ def setup_logging(level: int | str = None) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(_FORMAT))
     root.addHandler(handler)
-    root.setLevel(level)
+    logging.getLogger("zexec").setLevel(level)
 
 
 _malloc_trim = None

@@ -54,6 +54,7 @@ from .errors import (ClusterLostError, EngineDiedError, InitializerError, NoEngi
                      ProtocolError, RemoteTraceback, TaskInterrupted, ZexecError)
 from .futures import Verdicts, ZFuture, cancel_dropped, resolve
 from .futures import fail as _fail
+from .logforward import handle_records
 from .protocol import RateLimitedLog, Session, check_content, check_header, loads, split_idents
 
 log = logging.getLogger("zexec.client")
@@ -187,6 +188,8 @@ class Client:
         self.info = info
         self.session = Session(info.key_bytes)
         self.forward_output = forward_output
+        if not forward_output:
+            self.session.fixed = {"forward": False}  # tasks' log records stay on the engine
         self.ctx = context()
         self._futures: dict[str, tuple[Future, int | None]] = {}
         self._outbox: collections.deque = collections.deque()
@@ -1297,6 +1300,15 @@ class Client:
                 stream.flush()
             except Exception:  # noqa: BLE001 - a closed user stream must not kill the IO thread
                 pass
+        elif kind == "log" and self.forward_output:
+            self._log_records(c)
+
+    def _log_records(self, c: dict) -> None:
+        """A task's log records, handled by this process's loggers (see zexec.logforward)."""
+        try:
+            handle_records(c["records"], c.get("engine"))
+        except Exception:  # noqa: BLE001 - a user's filter or handler must not kill the IO thread
+            log.exception("a task's forwarded log record failed in this process's logging")
 
     def _started(self, msg_id, engine=None) -> None:
         """An engine reports the task started: its future turns RUNNING."""

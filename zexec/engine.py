@@ -6,7 +6,7 @@
     task DEALER       <-> task scheduler   apply/abort requests in, replies out
     mux DEALER        <-> MUX device       engine-targeted apply/abort requests in, replies out
     control DEALER    <-> control device   shutdown
-    iopub PUB         --> IOPub device     "stream" output of each task
+    iopub PUB         --> IOPub device     "stream" output and "log" records of each task
     (a task's start, past 10 ms, is reported as "status" on the socket the task came by)
     heart thread: C proxy, SUB (ping) -> DEALER (pong), answering while a task holds the GIL;
                   its capture feeds a watchdog that exits the engine if the pings stop.
@@ -40,6 +40,7 @@ from . import serialize, wire
 from ._proc import exit_now, exit_status
 from .connection import ConnectionInfo, context, secure
 from .errors import ProtocolError
+from .logforward import TaskLogs
 from .protocol import RateLimitedLog, Session, check_content, check_header, loads, split_idents
 
 log = logging.getLogger("zexec.engine")
@@ -127,6 +128,8 @@ class Engine:
         self._last_sigint = 0.0
         self._prev_sigint = None
         self.bad = RateLimitedLog(log)
+        #: the log records of the running task, for its client (see zexec.logforward)
+        self.logs = TaskLogs(self._send_logs)
 
     # -- start-up ------------------------------------------------------------------------
     def _register(self) -> dict:
@@ -367,6 +370,7 @@ class Engine:
                          name="zexec-engine-watch", daemon=True).start()
         if threading.current_thread() is threading.main_thread():
             self._prev_sigint = signal.signal(signal.SIGINT, self._on_sigint)
+        self.logs.install()
         lock = self.sock_lock
         lock.acquire()
         try:
@@ -387,6 +391,7 @@ class Engine:
             return 0
         finally:
             self.stopping = True
+            self.logs.uninstall()
             self._busy.set()
             lock.release()
 
@@ -505,6 +510,7 @@ class Engine:
         if cap_out.original is not out or cap_err.original is not err:
             cap_out, cap_err = self._captures = (_Capture("stdout", out), _Capture("stderr", err))
         sys.stdout, sys.stderr = cap_out, cap_err
+        logs = self.logs
         started = time.time()
         # hand the sockets to the watcher should this task run long (see _watch_long_tasks)
         self.running_since = time.monotonic()
@@ -515,6 +521,8 @@ class Engine:
             # from here to the handlers below, an interrupt for this task may raise
             # KeyboardInterrupt (see _on_sigint): never in the engine's own code around
             self._in_task = msg_id
+            # the client's forward_output=False keeps the records in this engine's log
+            logs.active = header.get("forward") is not False
             content = loads(rest[3])
             buffers = rest[4:]
             inputs = None
@@ -576,6 +584,7 @@ class Engine:
             del e
         finally:
             self._in_task = None
+            logs.active = False
             sys.stdout, sys.stderr = out, err
             self.running_since = None
             if self.watching:
@@ -587,6 +596,8 @@ class Engine:
             self._interrupt = None
             if reply.get("status") == "error":
                 reply["interrupted"] = intr[1]  # the client says why (TimeoutError, ...)
+        if logs.records:
+            logs.flush()  # before the output and the reply, in the order they were logged
         for cap in (cap_out, cap_err):
             if not cap.tell():
                 continue
@@ -598,6 +609,13 @@ class Engine:
                     "stream", {"name": cap.name, "text": text, "msg_id": msg_id, "engine": self.id},
                     idents=[topic]))
         self._reply(sock, idents, rest[1], header, reply, frames, started, completed)
+
+    def _send_logs(self, records: list) -> None:
+        """Publish a task's log records to its client (main thread: it owns IOPub)."""
+        header = self._request[3]
+        self.iopub.send_multipart(self.session.pack(
+            "log", {"records": records, "msg_id": header["msg_id"], "engine": self.id},
+            idents=[str(header.get("session", "")).encode()]))
 
     # -- interrupts (time limits, Client.interrupt) ---------------------------------------
     def _interrupt_request(self, rest) -> None:

@@ -288,7 +288,22 @@ HEADER = {"msg_id": (_id, True), "msg_type": (_id, True), "session": (_text, Fal
           "date": (_num, False), "reply_to": (_id, False), "retries": (_opt(_int), False),
           "parent_id": (_id, False), "status": (_id, False), "engine": (_opt(_int), False),
           "started": (_num, False), "completed": (_num, False), "elapsed": (_num, False),
-          "shm": (_bool, False)}
+          "shm": (_bool, False), "forward": (_bool, False)}
+#: one log record of a task (see zexec.logforward): plain fields, the message formatted
+LOG_RECORD = {"name": (_text, True), "levelno": (_int, True), "msg": (_text, True),
+              "levelname": (_opt(_text), False), "pathname": (_opt(_text), False),
+              "filename": (_opt(_text), False), "module": (_opt(_text), False),
+              "lineno": (_opt(_int), False), "funcName": (_opt(_text), False),
+              "created": (_num, False), "msecs": (_num, False), "process": (_opt(_int), False),
+              "processName": (_opt(_text), False), "thread": (_opt(_int), False),
+              "threadName": (_opt(_text), False), "exc_text": (_opt(_text), False),
+              "stack_info": (_opt(_text), False)}
+
+
+def _records(v: Any) -> bool:
+    return type(v) is list and all(type(r) is dict and _fields_ok(r, LOG_RECORD) for r in v)
+
+
 _ENGINE_REPORT = {"uuid": (_id, True)}
 CONTENT = {
     "apply_request": {"fn": (_text, False), "nfn": (_int, False), "chunk": (_bool, False),
@@ -303,6 +318,7 @@ CONTENT = {
                     "shm": (_list, False), "batch": (_list, False), "packed": (_int, False)},
     "status": {"state": (_text, False), "msg_id": (_id, False)},
     "stream": {"name": (_text, False), "text": (_text, False)},
+    "log": {"records": (_records, True), "msg_id": (_id, False), "engine": (_opt(_int), False)},
     "registration_request": {"uuid": (_id, True), "hostname": (_opt(_text), False),
                              "pid": (_opt(_int), False), "log": (_opt(_text), False),
                              "launcher": (_opt(_text), False), "max_tasks": (_opt(_int), False)},
@@ -325,6 +341,10 @@ CONTENT = {
                       "hostname": (_opt(_text), False), "reason": (_opt(_text), False),
                       "left": (_opt(_int), False)},
 }
+
+
+def _fields_ok(d: dict, spec: dict) -> bool:
+    return all(ok(d[name]) if name in d else not required for name, (ok, required) in spec.items())
 
 
 def _check_fields(what: str, d: Any, spec: dict) -> None:
@@ -378,6 +398,9 @@ class Session:
         self._prefix = self.session[:12] + "-"
         self.guard = ReplayGuard() if check_replay else None
 
+    #: header fields every message of this session carries (Client: ``forward``)
+    fixed: dict | None = None
+
     def new_id(self) -> str:
         return self._prefix + str(next(self._counter))
 
@@ -386,6 +409,8 @@ class Session:
              "date": time.time(), "version": PROTOCOL_VERSION}
         if extra:
             h.update(extra)
+        if self.fixed:
+            h.update(self.fixed)
         return h
 
     def pack(self, msg_type: str, content: dict | None = None, *, parent: Any = None,

@@ -1,0 +1,207 @@
+"""A task's log records reach the submitting client's logging, as from a process pool.
+
+Real cluster (the module's shared one); the client's side is a handler on a test logger
+in this process.  Forged messages to the client are plain frames on a PUB socket.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import pytest
+import zmq
+
+from conftest import wait_until
+from zexec import ZmqExecutor
+from zexec.protocol import DELIM, Session, Signer
+
+LOGGER = "zexec_test_logfwd"  # not under "zexec": a user's logger
+
+
+def warn(text):
+    logging.getLogger(LOGGER).warning("task says %s", text)
+    return os.getpid()
+
+
+def log_exception():
+    try:
+        1 / 0
+    except ZeroDivisionError:
+        logging.getLogger(LOGGER).exception("it failed")
+
+
+def debug_and_info(tag):
+    lg = logging.getLogger(LOGGER + ".lv")
+    lg.setLevel(logging.DEBUG)  # the engine's side lets both through; the client decides
+    lg.debug("debug %s", tag)
+    lg.info("info %s", tag)
+
+
+def zexec_own(tag):
+    logging.getLogger("zexec.engine").warning("zexec-own %s", tag)
+    logging.getLogger(LOGGER).warning("after-own %s", tag)
+
+
+class Collect(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+    def messages(self):
+        return [r.getMessage() for r in list(self.records)]
+
+    def wait_for(self, text):
+        wait_until(lambda: text in self.messages(), 30, what=f"record {text!r}")
+        return next(r for r in list(self.records) if r.getMessage() == text)
+
+
+@pytest.fixture
+def ex(cluster):
+    ex = ZmqExecutor(connection=cluster.connection_file)
+    yield ex
+    ex.shutdown(wait=True, cancel_futures=True)
+
+
+@pytest.fixture
+def collect():
+    """A handler on LOGGER in this process (the client's side), the logger at WARNING."""
+    lg = logging.getLogger(LOGGER)
+    h = Collect()
+    old = lg.level
+    lg.setLevel(logging.WARNING)
+    lg.addHandler(h)
+    yield h
+    lg.removeHandler(h)
+    lg.setLevel(old)
+
+
+def _engine_log(ex, eid) -> str:
+    path = ex.client.engine_info(eid)["log"]
+    with open(path, errors="replace") as f:
+        return f.read()
+
+
+def test_task_warning_reaches_client_logger_marked_with_its_engine(ex, collect):
+    pid = ex.submit(warn, "hello").result(30)
+    rec = collect.wait_for("task says hello")
+    assert rec.name == LOGGER and rec.levelno == logging.WARNING and rec.levelname == "WARNING"
+    assert rec.process == pid != os.getpid()
+    assert rec.engine in ex.engines and rec.processName == f"zexec-engine-{rec.engine}"
+    assert rec.funcName == "warn" and rec.lineno > 0
+    # a formatter of this process formats it as its own record
+    text = logging.Formatter("%(processName)s %(name)s %(levelname)s %(message)s").format(rec)
+    assert text == f"zexec-engine-{rec.engine} {LOGGER} WARNING task says hello"
+
+
+def test_logged_exception_carries_its_traceback_text(ex, collect):
+    ex.submit(log_exception).result(30)
+    rec = collect.wait_for("it failed")
+    assert rec.levelno == logging.ERROR
+    assert "Traceback" in rec.exc_text and "ZeroDivisionError: division by zero" in rec.exc_text
+    assert "ZeroDivisionError" in logging.Formatter().format(rec)
+
+
+def test_client_logger_level_filters_forwarded_records(ex, collect):
+    lg = logging.getLogger(LOGGER + ".lv")
+    lg.setLevel(logging.INFO)
+    try:
+        ex.submit(debug_and_info, "a").result(30)
+        collect.wait_for("info a")  # sent after the debug record, in the same message
+        assert "debug a" not in collect.messages()
+        lg.setLevel(logging.DEBUG)
+        ex.submit(debug_and_info, "b").result(30)
+        collect.wait_for("info b")
+        assert "debug b" in collect.messages()
+    finally:
+        lg.setLevel(logging.NOTSET)
+
+
+def test_zexec_own_records_stay_in_the_engine_log(ex, collect):
+    ours = Collect()
+    logging.getLogger("zexec").addHandler(ours)
+    try:
+        eid = ex.engines[0]
+        ex.engine(eid).submit(zexec_own, "x1").result(30)
+        collect.wait_for("after-own x1")
+        assert not [m for m in ours.messages() if "zexec-own" in m]
+        wait_until(lambda: "zexec-own x1" in _engine_log(ex, eid), 30, what="the engine's log")
+        assert "after-own x1" not in _engine_log(ex, eid)
+    finally:
+        logging.getLogger("zexec").removeHandler(ours)
+
+
+def test_forward_output_false_keeps_records_in_the_engine_log(cluster, ex, collect):
+    eid = ex.engines[0]
+    quiet = ZmqExecutor(connection=cluster.connection_file, forward_output=False)
+    try:
+        quiet.engine(eid).submit(warn, "quietly").result(30)
+        wait_until(lambda: "task says quietly" in _engine_log(ex, eid), 30, what="the engine's log")
+    finally:
+        quiet.shutdown(wait=True)
+    # the forwarding client still gets its own, and never the other one's
+    ex.engine(eid).submit(warn, "loudly").result(30)
+    collect.wait_for("task says loudly")
+    assert "task says quietly" not in collect.messages()
+    assert "task says loudly" not in _engine_log(ex, eid)
+
+
+def _record(msg, **over):
+    return {"name": LOGGER, "levelno": logging.WARNING, "levelname": "WARNING", "msg": msg, **over}
+
+
+@pytest.mark.parametrize("bad", ["unsigned", "records not a list", "name not a string",
+                                 "no msg", "levelno a string"])
+def test_malformed_or_unsigned_log_message_is_dropped_and_logged(cluster, collect, caplog, bad):
+    info = cluster.ex.client.info
+    ex = ZmqExecutor(connection=cluster.connection_file)  # a fresh client: its first drop is logged
+    me = Session(info.key_bytes)
+    ctx = zmq.Context()
+    pub = ctx.socket(zmq.PUB)
+    pub.linger = 0
+    try:
+        topic = ex.client.session.session.encode()
+        mon = pub.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        pub.connect(info.url("iopub_engine"))
+        assert mon.poll(10_000)
+        pub.disable_monitor()
+        mon.close(linger=0)
+        n = iter(range(10**6))
+
+        def probe():
+            # a PUB drops what goes before the device's subscription reaches it: send
+            # a valid record until one arrives, then everything after is in order
+            pub.send_multipart(me.pack("log", {"records": [_record(f"probe {next(n)}")]},
+                                       idents=[topic]))
+            return any(m.startswith("probe") for m in collect.messages())
+
+        wait_until(probe, 30, what="a forged valid record")
+        content = {"records": [_record("bad one")]}
+        if bad == "records not a list":
+            content = {"records": _record("bad one")}
+        elif bad == "name not a string":
+            content["records"][0]["name"] = ["a list"]
+        elif bad == "no msg":
+            del content["records"][0]["msg"]
+            content["records"].append(_record("bad one"))
+        elif bad == "levelno a string":
+            content["records"][0]["levelno"] = "30"
+        body = [json.dumps(me.header("log")).encode(), b"{}", json.dumps(content).encode()]
+        sig = b"" if bad == "unsigned" else Signer(info.key_bytes).sign(body)
+        with caplog.at_level(logging.WARNING, logger="zexec.client"):
+            pub.send_multipart([topic, DELIM, sig, *body])
+            pub.send_multipart(me.pack("log", {"records": [_record("after the bad one")]},
+                                       idents=[topic]))
+            collect.wait_for("after the bad one")
+        assert "bad one" not in collect.messages()
+        drops = [r.getMessage() for r in caplog.records if r.name == "zexec.client"]
+        assert any("dropped bad message (iopub)" in m for m in drops), drops
+        assert ex.submit(pow, 2, 5).result(30) == 32  # the client goes on
+    finally:
+        pub.close(linger=0)
+        ctx.term()
+        ex.shutdown(wait=True)
