@@ -421,8 +421,9 @@ def test_a_held_submit_runs_with_its_arguments_as_they_were_at_submit(cluster, m
 
 
 def test_submits_of_other_callables_keep_their_order_among_held_ones(cluster, monkeypatch):
-    # a partial (state pickled per task) or a time limit never joins a batch; held
-    # beside batched tasks, it keeps its place and its own message
+    # a task with a time limit never joins a batch, and a partial's tasks batch only
+    # with each other (their function is serialize.call): held among a plain
+    # function's tasks, each gets its own result
     monkeypatch.setattr(client_mod, "COALESCE_AT", 0, raising=False)
     ex = cluster.ex
     _short(ex, tasks.mul)
@@ -435,7 +436,10 @@ def test_submits_of_other_callables_keep_their_order_among_held_ones(cluster, mo
         else:
             fs.append(ex.submit(tasks.mul, i, 3))
     assert [f.result(60) for f in fs] == [3 * i for i in range(600)]
-    assert all(getattr(f, "_zbatch", None) is None for i, f in enumerate(fs) if i % 25 == 0)
+    assert all(getattr(f, "_zbatch", None) is None for i, f in enumerate(fs) if i % 50 == 25)
+    for i in range(0, 600, 50):  # a partial's batch holds partials only
+        b = getattr(fs[i], "_zbatch", None)
+        assert b is None or all(f in fs[::50] for f in b._items)
 
 
 def test_a_flood_of_held_submits_is_cancelled_here_or_by_whole_batches(cluster, tmp_path, monkeypatch):
