@@ -1269,6 +1269,10 @@ class Client:
             except BaseException as e:  # noqa: BLE001 - a result that fails to unpickle here
                 _fail(fut, e)
                 return
+            # the message's frames go first: freeing a zmq frame releases the GIL, and
+            # a caller woken by this result would find it still held here (the future
+            # in this frame's locals), after it had dropped its own reference
+            del frames, idents, rest, buffers
             resolve(fut, result)
         elif status == "error":
             if content.get("ename") == "EngineDiedError" and isinstance(content.get("engine"), dict):
