@@ -435,6 +435,8 @@ TEMPLATES = {
     "resend_reply": ({}, {"missing": ["fuzz-x"]}),
     "status": ({"parent_id": "fuzz-x"}, {"state": "started", "msg_id": "fuzz-x"}),
     "stream": ({}, {"name": "stdout", "text": "t"}),
+    "log": ({}, {"records": [{"name": "fuzz", "levelno": 30, "msg": "m", "lineno": 1}], "msg_id": "fuzz-x",
+                 "engine": 0}),
     "lost_message": ({}, {"msg_id": "fuzz-x", "device": "mux_in"}),
     "hub_beat": ({}, {"engines": {}, "pending": [], "next_id": 0}),
     "unregistered": ({}, {"uuid": "fuzz-u"}),

@@ -9,13 +9,15 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 
 import pytest
 import zmq
 
 from conftest import wait_until
-from zexec import ZmqExecutor
-from zexec.protocol import DELIM, Session, Signer
+from zexec import LocalCluster, ZmqExecutor
+from zexec.errors import ProtocolError
+from zexec.protocol import DELIM, Session, Signer, check_content
 
 LOGGER = "zexec_test_logfwd"  # not under "zexec": a user's logger
 
@@ -37,6 +39,19 @@ def debug_and_info(tag):
     lg.setLevel(logging.DEBUG)  # the engine's side lets both through; the client decides
     lg.debug("debug %s", tag)
     lg.info("info %s", tag)
+
+
+def log_debug(tag):
+    logging.getLogger(LOGGER + ".inherit").debug("debug %s", tag)
+
+
+def many_and_threaded(n):
+    lg = logging.getLogger(LOGGER)
+    t = threading.Thread(target=lg.warning, args=("from a thread",))
+    t.start()
+    t.join()
+    for i in range(n):
+        lg.warning("many %d", i)
 
 
 def zexec_own(tag):
@@ -121,6 +136,15 @@ def test_client_logger_level_filters_forwarded_records(ex, collect):
         lg.setLevel(logging.NOTSET)
 
 
+def test_many_records_and_a_threads_come_back_in_order(ex, collect):
+    """Past 500 records the engine sends them while the task runs: none is lost or
+    reordered; a record of a thread the task started comes back too."""
+    ex.submit(many_and_threaded, 1200).result(30)
+    collect.wait_for("many 1199")
+    got = [m for m in collect.messages() if m.startswith("many ") or m == "from a thread"]
+    assert got == ["from a thread"] + [f"many {i}" for i in range(1200)]
+
+
 def test_zexec_own_records_stay_in_the_engine_log(ex, collect):
     ours = Collect()
     logging.getLogger("zexec").addHandler(ours)
@@ -150,8 +174,42 @@ def test_forward_output_false_keeps_records_in_the_engine_log(cluster, ex, colle
     assert "task says loudly" not in _engine_log(ex, eid)
 
 
+@pytest.mark.timeout(120)
+def test_forked_engines_keep_the_programs_levels_so_its_debug_records_reach_it(no_leaks):
+    """basicConfig(level=DEBUG) before the cluster starts: a task's debug record of a
+    logger with no level of its own is logged on the engine (its root level is the
+    program's, not zexec's INFO) and handled here, as in a fork pool's worker."""
+    root = logging.getLogger()
+    old = root.level
+    lg = logging.getLogger(LOGGER + ".inherit")
+    h = Collect()
+    lg.addHandler(h)
+    root.setLevel(logging.DEBUG)  # what basicConfig(level=DEBUG) does to the levels
+    try:
+        with LocalCluster(1, start_method="fork") as ex:
+            ex.submit(log_debug, "inherited").result(30)
+            rec = h.wait_for("debug inherited")
+            assert rec.levelno == logging.DEBUG and rec.name == LOGGER + ".inherit"
+    finally:
+        root.setLevel(old)
+        lg.removeHandler(h)
+
+
 def _record(msg, **over):
     return {"name": LOGGER, "levelno": logging.WARNING, "levelname": "WARNING", "msg": msg, **over}
+
+
+def test_log_content_schema_checks_every_record():
+    """Plain data: what the client accepts before it rebuilds a single record."""
+    check_content("log", {"records": [_record("m", lineno=3, exc_text=None, created=1.5)],
+                          "msg_id": "x-1", "engine": 0})
+    for bad in ("text", [1], [_record("m", name=None)], [{"name": "n", "levelno": 30}],
+                [_record("m"), _record("m", levelno=1.5)], [_record("m", exc_text=["tb"])],
+                [_record("m", created="now")]):
+        with pytest.raises(ProtocolError):
+            check_content("log", {"records": bad})
+    with pytest.raises(ProtocolError):
+        check_content("log", {})
 
 
 @pytest.mark.parametrize("bad", ["unsigned", "records not a list", "name not a string",
