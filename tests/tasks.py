@@ -135,6 +135,17 @@ def init_fail():
     raise ValueError("error in initializer")
 
 
+def init_log_to_file_then_fail(path):
+    """An initializer that sends the 'concurrent.futures' logger's records to ``path``
+    (where a pool's worker reports its initializer's failure), then fails."""
+    import logging
+
+    logger = logging.getLogger("concurrent.futures")
+    logger.addHandler(logging.FileHandler(path))
+    logger.propagate = False
+    raise ValueError("error in initializer")
+
+
 class Counter:
     """A callable object with state."""
 

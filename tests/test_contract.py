@@ -328,3 +328,22 @@ def _assert_never_ran(executor, release, blockers, ran):
         b.result(30)
     executor.submit(tasks.identity, 1).result(30)
     assert not os.path.exists(ran)
+
+
+@pytest.mark.timeout(60)
+def test_failing_initializer_is_logged_on_concurrent_futures(no_leaks, tmp_path):
+    # as a ProcessPoolExecutor's worker, the engine logs "Exception in initializer:" on
+    # the 'concurrent.futures' logger at CRITICAL, so a handler the initializer put
+    # there (CPython's test: a QueueHandler to the parent) reports the failure
+    path = str(tmp_path / "cf.log")
+    ex = ZmqExecutor(max_workers=1, initializer=tasks.init_log_to_file_then_fail,
+                     initargs=(path,))
+    try:
+        wait_until(lambda: ex._broken, 30, what="executor to be broken")
+        with pytest.raises(cf.BrokenExecutor):
+            ex.submit(tasks.mul, 1, 1)
+    finally:
+        ex.shutdown()
+    with open(path) as f:
+        text = f.read()
+    assert "Exception in initializer:" in text and "ValueError: error in initializer" in text

@@ -261,7 +261,11 @@ class Engine:
                     # the traceback into the user's code travels with the goodbye: the
                     # client prints it, as ProcessPoolExecutor's worker does
                     text = serialize.format_exception(serialize.drop_internal_frames(e))
-                    log.error("Exception in initializer:\n%s", text.rstrip())
+                    # on the logger and at the level of ProcessPoolExecutor's worker: a
+                    # handler the initializer put there (a QueueHandler to the parent)
+                    # hears of it; the engine's log has it through the root
+                    logging.getLogger("concurrent.futures").critical(
+                        "Exception in initializer:\n%s", text.rstrip())
                     self._goodbye(f"initializer failed: {type(e).__name__}: {e}",
                                   INITIALIZER_FAILED, fatal=True,
                                   traceback=text[-TRACEBACK_MAX:])
