@@ -64,7 +64,8 @@ class TaskLogs:
     a record is taken after its logger's level and filters let it through and before
     any handler of the engine sees it, so it is handled once, by the client, and never
     also written to the engine's log (nor by a handler the engine inherited in a fork).
-    A task that logs nothing costs the engine two attribute stores.
+    A task that logs nothing costs the engine ~60 ns (``active`` set and cleared, and a
+    look at ``records``).
 
     Records logged from other threads while the task runs are collected too; the main
     thread sends them (``send``) when the task ends, or every FLUSH_AFTER records while
