@@ -113,6 +113,18 @@ def test_task_warning_reaches_client_logger_marked_with_its_engine(ex, collect):
     assert text == f"zexec-engine-{rec.engine} {LOGGER} WARNING task says hello"
 
 
+def test_records_are_handled_before_the_future_resolves(ex, collect):
+    """They travel in the task's reply: no record comes after its result, load-balanced,
+    direct or in a map's batch (a program that ends on its last result loses none)."""
+    eng = ex.engine(ex.engines[0])
+    for i in range(40):
+        ex.submit(warn, f"lb {i}").result(30)
+        eng.submit(warn, f"direct {i}").result(30)
+        assert {f"task says lb {i}", f"task says direct {i}"} <= set(collect.messages())
+    for i, _ in enumerate(ex.map(warn, [f"map {j}" for j in range(20)])):
+        assert f"task says map {i}" in collect.messages()
+
+
 def test_logged_exception_carries_its_traceback_text(ex, collect):
     ex.submit(log_exception).result(30)
     rec = collect.wait_for("it failed")

@@ -1236,6 +1236,8 @@ class Client:
                 if w is not None:
                     w.decide(msg_id, False)
             return
+        if "log" in content and self.forward_output:
+            self._log_records(content["log"], header.get("engine"))  # before its future resolves
         entry = self._futures.pop(header.get("parent_id"), None)
         self._replies += 1
         if self._inflight:
@@ -1305,12 +1307,12 @@ class Client:
             except Exception:  # noqa: BLE001 - a closed user stream must not kill the IO thread
                 pass
         elif kind == "log" and self.forward_output:
-            self._log_records(c)
+            self._log_records(c["records"], c.get("engine"))
 
-    def _log_records(self, c: dict) -> None:
+    def _log_records(self, records: list, engine) -> None:
         """A task's log records, handled by this process's loggers (see zexec.logforward)."""
         try:
-            handle_records(c["records"], c.get("engine"))
+            handle_records(records, engine)
         except Exception:  # noqa: BLE001 - a user's filter or handler must not kill the IO thread
             log.exception("a task's forwarded log record failed in this process's logging")
 

@@ -6,7 +6,8 @@
     task DEALER       <-> task scheduler   apply/abort requests in, replies out
     mux DEALER        <-> MUX device       engine-targeted apply/abort requests in, replies out
     control DEALER    <-> control device   shutdown
-    iopub PUB         --> IOPub device     "stream" output and "log" records of each task
+    iopub PUB         --> IOPub device     "stream" output of each task ("log" records of one
+                                           that logs much; else they go in its reply)
     (a task's start, past 10 ms, is reported as "status" on the socket the task came by)
     heart thread: C proxy, SUB (ping) -> DEALER (pong), answering while a task holds the GIL;
                   its capture feeds a watchdog that exits the engine if the pings stop.
@@ -600,8 +601,12 @@ class Engine:
             self._interrupt = None
             if reply.get("status") == "error":
                 reply["interrupted"] = intr[1]  # the client says why (TimeoutError, ...)
-        if logs.records:
-            logs.flush()  # before the output and the reply, in the order they were logged
+        if logs.records or logs.flushed:
+            if logs.flushed:
+                logs.flushed = False
+                logs.flush()  # behind the task's earlier records, on IOPub
+            else:
+                reply["log"] = logs.take()  # handled before the future resolves
         for cap in (cap_out, cap_err):
             if not cap.tell():
                 continue
@@ -782,7 +787,7 @@ class Engine:
         if isinstance(reply_to, str):
             idents = [reply_to.encode()]  # the client's receiving socket
         extra = {"parent_id": header.get("msg_id"), "status": content["status"], "engine": self.id}
-        if "shm" in content or "batch" in content:
+        if "shm" in content or "batch" in content or "log" in content:
             extra["shm"] = True  # the client must read this reply's content
         if started is not None:
             extra.update(started=started, completed=completed, elapsed=completed - started)
