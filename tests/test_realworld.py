@@ -390,6 +390,10 @@ def test_a_flood_of_a_short_functions_submits_travels_in_batches(cluster, monkey
     # tasks: past COALESCE_AT in flight, submits of a function known short are held
     # as their pickled parts and leave together, each with its own outcome
     monkeypatch.setattr(client_mod, "COALESCE_AT", 8, raising=False)
+    # few in flight: the scheduler's share fills at once and stays full, as in any
+    # flood, whatever the speed of this machine (a cluster keeping up with a slow
+    # submitter would take each task as it comes, alone)
+    monkeypatch.setattr(client_mod, "MAX_IN_FLIGHT", 240)
     ex = cluster.ex
     _short(ex, tasks.positive)
     before = ex.status()["tasks"].get("submitted", 0)
@@ -494,6 +498,7 @@ def test_a_flood_of_a_callable_objects_submits_travels_in_batches_seeing_its_sta
     # a partial or a wrapper of a by-value function: pickled with each task's
     # arguments (its state at that submit), its tasks batch as a plain function's do
     monkeypatch.setattr(client_mod, "COALESCE_AT", 0, raising=False)
+    monkeypatch.setattr(client_mod, "MAX_IN_FLIGHT", 240)  # full at once (see above)
     scale, _ = _by_value_functions()
     ex = cluster.ex
     _short(ex, scale)  # what partials of it are recorded under
@@ -514,10 +519,13 @@ def test_a_batched_callable_objects_error_keeps_its_own_traceback(cluster, monke
     monkeypatch.setattr(client_mod, "COALESCE_AT", 0, raising=False)
     ex = cluster.ex
     _short(ex, tasks.positive)
+    monkeypatch.setattr(client_mod, "MAX_IN_FLIGHT", 0)  # every task waits here first
     fs = [ex.submit(functools.partial(tasks.positive), -i if i == 150 else i) for i in range(300)]
-    assert getattr(fs[150], "_zbatch", None) is not None  # it ran in a batch
+    monkeypatch.setattr(client_mod, "MAX_IN_FLIGHT", 2000)
+    ex.client._wake()
     with pytest.raises(ValueError, match="negative: -150") as info:
         fs[150].result(60)
+    assert getattr(fs[150], "_zbatch", None) is not None  # it ran in a batch
     tb = "".join(__import__("traceback").format_tb(info.value.__traceback__))
     assert "def positive" in tb or "in positive" in tb
     assert "serialize.py" not in str(getattr(info.value, "__cause__", ""))
