@@ -1238,6 +1238,8 @@ class Client:
             return
         if "log" in content and self.forward_output:
             self._log_records(content["log"], header.get("engine"))  # before its future resolves
+        if ("stdout" in content or "stderr" in content) and self.forward_output:
+            self._write_output(content)  # after its log records, as the engine ran them
         entry = self._futures.pop(header.get("parent_id"), None)
         self._replies += 1
         if self._inflight:
@@ -1308,6 +1310,16 @@ class Client:
                 pass
         elif kind == "log" and self.forward_output:
             self._log_records(c["records"], c.get("engine"))
+
+    def _write_output(self, content: dict) -> None:
+        """A task's printed output, from its reply: to this process's streams."""
+        for name, stream in (("stdout", sys.stdout), ("stderr", sys.stderr)):
+            if name in content:
+                try:
+                    stream.write(content[name])
+                    stream.flush()
+                except Exception:  # noqa: BLE001 - a closed user stream must not kill the IO thread
+                    pass
 
     def _log_records(self, records: list, engine) -> None:
         """A task's log records, handled by this process's loggers (see zexec.logforward)."""

@@ -6,8 +6,8 @@
     task DEALER       <-> task scheduler   apply/abort requests in, replies out
     mux DEALER        <-> MUX device       engine-targeted apply/abort requests in, replies out
     control DEALER    <-> control device   shutdown
-    iopub PUB         --> IOPub device     "stream" output of each task ("log" records of one
-                                           that logs much; else they go in its reply)
+    iopub PUB         --> IOPub device     "log" records of a task that logs much (a task's
+                                           output, and other tasks' records, go in its reply)
     (a task's start, past 10 ms, is reported as "status" on the socket the task came by)
     heart thread: C proxy, SUB (ping) -> DEALER (pong), answering while a task holds the GIL;
                   its capture feeds a watchdog that exits the engine if the pings stop.
@@ -505,7 +505,6 @@ class Engine:
         return fn
 
     def _run_task(self, sock, idents, rest, header) -> None:
-        topic = str(header.get("session", "")).encode()
         msg_id = header["msg_id"]
         reply_to = header.get("reply_to")
         self.current = (sock, [reply_to.encode()] if isinstance(reply_to, str) else idents, msg_id)
@@ -614,9 +613,9 @@ class Engine:
             cap.seek(0)
             cap.truncate()  # the two capture streams are reused task after task
             if text:
-                self.iopub.send_multipart(self.session.pack(
-                    "stream", {"name": cap.name, "text": text, "msg_id": msg_id, "engine": self.id},
-                    idents=[topic]))
+                # in the reply: written out before the future resolves (on IOPub it
+                # could come after the result, and a program ending on it lost it)
+                reply[cap.name] = text
         self._reply(sock, idents, rest[1], header, reply, frames, started, completed)
 
     def _send_logs(self, records: list) -> None:
@@ -787,7 +786,8 @@ class Engine:
         if isinstance(reply_to, str):
             idents = [reply_to.encode()]  # the client's receiving socket
         extra = {"parent_id": header.get("msg_id"), "status": content["status"], "engine": self.id}
-        if "shm" in content or "batch" in content or "log" in content:
+        if ("shm" in content or "batch" in content or "log" in content or "stdout" in content
+                or "stderr" in content):
             extra["shm"] = True  # the client must read this reply's content
         if started is not None:
             extra.update(started=started, completed=completed, elapsed=completed - started)

@@ -316,7 +316,7 @@ CONTENT = {
     "apply_reply": {"status": (_id, False), "ename": (_opt(_text), False),
                     "evalue": (_opt(_text), False), "engine": (_opt(_dict), False),
                     "shm": (_list, False), "batch": (_list, False), "packed": (_int, False),
-                    "log": (_records, False)},
+                    "log": (_records, False), "stdout": (_text, False), "stderr": (_text, False)},
     "status": {"state": (_text, False), "msg_id": (_id, False)},
     "stream": {"name": (_text, False), "text": (_text, False)},
     "log": {"records": (_records, True), "msg_id": (_id, False), "engine": (_opt(_int), False)},
