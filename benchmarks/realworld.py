@@ -10,7 +10,8 @@ Usage::
 Each workload is what a user script does with a pool it is handed: dask array
 (``dask.compute(expr, scheduler=ex)``), scipy ``differential_evolution`` and ``brute``
 (``workers=ex.map``), emcee (``EnsembleSampler(..., pool=ex)``), 100 small
-``ex.map(functools.partial(f, k=3), range(16))`` calls, and a 100 MB ``bytes`` round trip.
+``ex.map(functools.partial(f, k=3), range(16))`` calls, a loop of 20,000 ``ex.submit`` of
+such a partial, and a 100 MB ``bytes`` round trip.
 The user functions live in this script's ``__main__``, as in a real script: a pool that
 cannot import them by name must send them by value.
 
@@ -106,6 +107,12 @@ def w_partial(ex) -> float:
     return float(sum(sum(ex.map(g, range(16))) for _ in range(100)))
 
 
+def w_submits(ex) -> float:
+    g = functools.partial(f, k=3)
+    fs = [ex.submit(g, i) for i in range(20_000)]
+    return float(sum(fut.result() for fut in fs))
+
+
 _BLOB = None
 
 
@@ -128,6 +135,8 @@ WORKLOADS = {
     "emcee": ("emcee `EnsembleSampler(32, 5, log_prob, args=[ivar], pool=ex).run_mcmc(p0, 100)`",
               w_emcee),
     "partial": ("100 × `list(ex.map(functools.partial(f, k=3), range(16)))`", w_partial),
+    "submits": ("`[ex.submit(functools.partial(f, k=3), i) for i in range(20_000)]`, "
+                "then every result", w_submits),
     "bytes": ("100 MB `bytes` through `ex.submit(identity, b)` (round trip)", w_bytes),
 }
 
