@@ -237,3 +237,39 @@ def exit_at(x, at, code=7):
     if x == at:
         os._exit(code)
     return x
+
+
+_init_queue = None
+
+
+def init_put_pid(q):
+    """An initializer given a multiprocessing.Queue: says which engine ran it, and keeps
+    the queue for the tasks (as a pool's worker initializer does)."""
+    global _init_queue
+    _init_queue = q
+    q.put(("init", os.getpid()))
+
+
+def put_on_init_queue(x):
+    _init_queue.put(("task", x))
+    return os.getpid()
+
+
+def init_queue_log_then_fail(q):
+    """An initializer that sends the 'concurrent.futures' logger's records to the parent
+    through ``q`` (a QueueHandler, as CPython's test does), then fails."""
+    import logging.handlers
+
+    logger = logging.getLogger("concurrent.futures")
+    logger.addHandler(logging.handlers.QueueHandler(q))
+    logger.propagate = False
+    raise ValueError("error in initializer")
+
+
+def close_init_queue():
+    """Close this engine's side of the initializer's queue, once its feeder thread has
+    written everything (it then holds no lock of the queue's): this engine can then be
+    killed without leaving the queue locked for the other writers."""
+    _init_queue.close()
+    _init_queue.join_thread()
+    return os.getpid()

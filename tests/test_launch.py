@@ -461,13 +461,14 @@ def test_local_engines_share_the_clients_multiprocessing_authkey(no_leaks):
 
 
 def test_local_cluster_that_fails_to_start_leaves_nothing(no_leaks):
-    """An initializer argument that cannot be pickled fails the start at once, and the
-    half-made cluster goes: its directory (which holds the key) and its shared memory."""
+    """An initializer argument that cannot be pickled (for spawned engines: forked ones
+    inherit it) fails the start at once, and the half-made cluster goes: its directory
+    (which holds the key) and its shared memory."""
     import threading
 
     from zexec import LocalCluster
 
-    c = LocalCluster(1, initializer=print, initargs=(threading.Lock(),))
+    c = LocalCluster(1, initializer=print, initargs=(threading.Lock(),), start_method="spawn")
     with pytest.raises(TypeError, match="pickle"):
         c.__enter__()
     assert c.dir and not os.path.exists(c.dir)

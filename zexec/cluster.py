@@ -95,6 +95,11 @@ class LocalCluster:
     before it forks the engines, so each engine starts with them loaded (True, the
     default: what this script's ``__main__`` imported, see :func:`main_imports`; or a
     list of module names; or False).  With fork, a ``preload`` list is imported too.
+
+    ``initializer(*initargs)`` runs in every engine before its first task.  Forked, the
+    engines inherit both in memory, as a forked pool's workers do (a
+    ``multiprocessing.Queue`` or a lock in ``initargs`` works); spawned, they are
+    pickled once into a signed file the engine set reads, so they must pickle.
     """
 
     def __init__(self, n: int | None = None, *, transport: str | None = None,
@@ -184,14 +189,18 @@ class LocalCluster:
                 modules = list(self.preload or ())
             if modules:
                 eng += ["--preload", ",".join(modules)]
-            if self.initializer is not None:
-                eng += ["--init-file", self._write_init(info)]
             if self.start_method == "fork":
                 # the controller first: its start (six parts to fork, every socket to
                 # bind) is the longer one, and the engines wait for it to register
                 self._fork("controller", ctl)
-                self._fork("engines", eng)
+                # the initializer and initargs are inherited in memory, never pickled, as
+                # a forked pool's workers inherit theirs: a multiprocessing.Queue, a lock
+                # or an open file in initargs reaches the engines (through two forks)
+                init = None if self.initializer is None else (self.initializer, tuple(self.initargs))
+                self._fork("engines", eng, init=init)
             else:
+                if self.initializer is not None:
+                    eng += ["--init-file", self._write_init(info)]
                 self._spawn_both(ctl, eng)
         except BaseException:
             # nothing half-made is left: not the processes, nor the directory that holds
@@ -203,7 +212,14 @@ class LocalCluster:
     def _write_init(self, info: ConnectionInfo) -> str:
         from . import serialize
 
-        payload = serialize.dumps((self.initializer, tuple(self.initargs)))
+        try:
+            payload = serialize.dumps((self.initializer, tuple(self.initargs)))
+        except Exception as e:
+            if hasattr(e, "add_note"):  # 3.11+
+                e.add_note("zexec: with start_method='spawn' the initializer and initargs are "
+                           "pickled for the engines; use start_method='fork' (they are then "
+                           "inherited) or a multiprocessing.Manager().Queue()")
+            raise
         if len(payload) > 1:
             payload = [b"".join(bytes(p) for p in payload[:1])]  # initargs are small: in-band
         data = payload[0]
@@ -229,11 +245,11 @@ class LocalCluster:
         eng_env = dict(env, **{AUTHKEY_ENV: bytes(multiprocessing.current_process().authkey).hex()})
         self._spawn("engines", [*py, *eng], eng_env)
 
-    def _fork(self, name: str, argv: list) -> None:
+    def _fork(self, name: str, argv: list, init: tuple | None = None) -> None:
         log_path = os.path.join(self.dir, f"{name}.log")
         self.logs[name] = log_path
-        self.procs[name] = forked.start(functools.partial(commands.main, argv), log_path,
-                                        args=["zexec", *argv])
+        self.procs[name] = forked.start(functools.partial(commands.main, argv, init=init),
+                                        log_path, args=["zexec", *argv])
 
     def _spawn(self, name: str, cmd: list, env: dict) -> None:
         log_path = os.path.join(self.dir, f"{name}.log")

@@ -92,6 +92,7 @@ def _engine(args) -> int:
     info = read_info(args.connection_file)
     return main(info, args.n, parent_pid=args.parent_pid, replace=args.replace,
                 log_dir=args.log_dir, max_tasks=args.max_tasks, init_file=args.init_file,
+                init=getattr(args, "init", None),
                 preload=[m for arg in args.preload for m in arg.split(",") if m])
 
 
@@ -145,7 +146,13 @@ def run(args: argparse.Namespace) -> int:
         return 1
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str], init: tuple | None = None) -> int:
     """``zexec controller|engine ARGV`` in a process LocalCluster forked: what
-    ``python -m zexec ARGV`` runs."""
-    return run(parser()[0].parse_args(argv))
+    ``python -m zexec ARGV`` runs.
+
+    ``init``: the engines' ``(initializer, initargs)``, inherited in memory from the
+    process that forked this one (never on a command line nor in a file: they may not
+    pickle, e.g. a ``multiprocessing.Queue``)."""
+    args = parser()[0].parse_args(argv)
+    args.init = init
+    return run(args)

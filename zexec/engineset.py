@@ -26,6 +26,7 @@ from ._proc import child_signals, setup_logging, watch_parent
 from .connection import AUTHKEY_ENV, ConnectionInfo, context, secure
 from .engine import INITIALIZER_FAILED, Engine  # imported before forking: every engine starts with it loaded
 from .errors import ProtocolError
+from .forked import multiprocessing_after_fork
 from .protocol import Session
 
 log = logging.getLogger("zexec.engineset")
@@ -44,7 +45,8 @@ HUB_QUIET = 1.5
 class EngineSet:
     def __init__(self, info: ConnectionInfo, n: int, *, replace: bool = False,
                  log_dir: str | None = None, max_tasks: int | None = None,
-                 init_file: str | None = None, preload: Sequence[str] = ()) -> None:
+                 init_file: str | None = None, init: tuple | None = None,
+                 preload: Sequence[str] = ()) -> None:
         self.info = info
         self.preload = tuple(preload)
         self.n = n
@@ -63,8 +65,13 @@ class EngineSet:
         self.hub_stopped = False
         self.initializer = None
         self.initargs: tuple = ()
+        if init is not None:
+            # forked from the user's process: inherited as they are, never pickled
+            self.initializer, self.initargs = init
 
     def _load_initializer(self) -> None:
+        """Unpickle the initializer and initargs a spawned engine set was given in a
+        signed file (see LocalCluster._write_init)."""
         if not self.init_file:
             return
         from . import serialize
@@ -93,6 +100,9 @@ class EngineSet:
                 os.close(fd)  # the other engines' pipes: the parent's, not ours
             child_signals()
             signal.set_wakeup_fd(-1)
+            # the engine set's multiprocessing finalizers are not this engine's to run
+            # when it exits (see _flush_multiprocessing)
+            multiprocessing_after_fork()
             if self.log_dir:
                 log_path = os.path.join(self.log_dir, f"engine-{os.getpid()}.log")
                 fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
@@ -111,6 +121,7 @@ class EngineSet:
             code = 1
         finally:
             try:
+                _flush_multiprocessing()
                 sys.stdout.flush()
                 sys.stderr.flush()
             finally:
@@ -315,6 +326,23 @@ def preload(names: Sequence[str]) -> list[str]:
     if names:
         log.info("preloaded %d of %d modules in %.2fs", len(loaded), len(names), time.monotonic() - t0)
     return loaded
+
+
+def _flush_multiprocessing() -> None:
+    """Run multiprocessing's exit finalizers in an engine that leaves, as a pool's
+    worker does when it exits (not its joining of live children): a
+    ``multiprocessing.Queue`` this engine put on (an inherited one in initargs, say a
+    QueueHandler's, which a failing initializer reports through just before the engine
+    exits) has its feeder thread write what it still holds, which ``os._exit`` would lose."""
+    if "multiprocessing" not in sys.modules:
+        return
+    try:
+        from multiprocessing import util
+
+        util._run_finalizers(0)
+        util._run_finalizers()
+    except Exception:  # noqa: BLE001 - exiting regardless
+        logging.getLogger("zexec.engine").exception("multiprocessing's finalizers failed")
 
 
 def _adopt_authkey() -> None:

@@ -140,7 +140,7 @@ def _child(run: Callable[[], int | None], log_fd: int) -> None:
                                            closefd=False)
         _reset_signals()
         _forget_other_threads_imports()
-        _multiprocessing_after_fork()
+        multiprocessing_after_fork()
         rc = run()
         code = rc if isinstance(rc, int) else 0
     except SystemExit as e:
@@ -202,10 +202,11 @@ def _forget_other_threads_imports() -> None:
             blocking_on.pop(tid, None)
 
 
-def _multiprocessing_after_fork() -> None:
+def multiprocessing_after_fork() -> None:
     """What multiprocessing's BaseProcess._bootstrap does in a forked child: the
     parent's children are not ours, its finalizers not to run here, and the objects
-    registered for it (fork-aware locks, queues' feeder state) are reset."""
+    registered for it (fork-aware locks, queues' feeder state) are reset.  The engine
+    set does it in each engine too (see zexec.engineset)."""
     if "multiprocessing" not in sys.modules:
         return
     from multiprocessing import process, util
