@@ -4,6 +4,7 @@ start with this program's modules, or fresh interpreters ("spawn")."""
 from __future__ import annotations
 
 import atexit
+import contextlib
 import multiprocessing
 import os
 import signal
@@ -260,6 +261,17 @@ def test_forked_child_imports_a_module_another_thread_was_importing(tmp_path, mo
         sys.modules.pop(name, None)
 
 
+@contextlib.contextmanager
+def _mp_queue():
+    """A multiprocessing.Queue, closed and its feeder thread joined afterwards."""
+    q = multiprocessing.Queue()
+    try:
+        yield q
+    finally:
+        q.close()
+        q.join_thread()
+
+
 def _get_items(q, count: int, timeout: float = 30.0) -> list:
     """``count`` items from a multiprocessing.Queue, each within ``timeout``."""
     return [q.get(timeout=timeout) for _ in range(count)]
@@ -268,8 +280,7 @@ def _get_items(q, count: int, timeout: float = 30.0) -> list:
 @pytest.mark.timeout(90)
 def test_forked_engines_inherit_a_multiprocessing_queue_in_initargs(no_leaks):
     # a forked pool's workers inherit initargs; a Queue does not pickle, so it would fail
-    q = multiprocessing.Queue()
-    try:
+    with _mp_queue() as q:
         with ZmqExecutor(max_workers=2, initializer=tasks.init_put_pid, initargs=(q,)) as ex:
             inits = _get_items(q, 2)
             assert {kind for kind, _ in inits} == {"init"}
@@ -279,17 +290,13 @@ def test_forked_engines_inherit_a_multiprocessing_queue_in_initargs(no_leaks):
             ran_on = set(ex.map(tasks.put_on_init_queue, range(20)))
             assert ran_on <= pids
             assert sorted(x for _, x in _get_items(q, 20)) == list(range(20))
-    finally:
-        q.close()
-        q.join_thread()
 
 
 @pytest.mark.timeout(90)
 def test_a_failing_initializer_reports_through_an_inherited_queue(no_leaks):
     from zexec.errors import InitializerError
 
-    q = multiprocessing.Queue()
-    try:
+    with _mp_queue() as q:
         ex = ZmqExecutor(max_workers=1, initializer=tasks.init_queue_log_then_fail, initargs=(q,))
         try:
             record = q.get(timeout=30)  # the engine's QueueHandler, before it exited
@@ -300,15 +307,11 @@ def test_a_failing_initializer_reports_through_an_inherited_queue(no_leaks):
                 ex.submit(tasks.double, 1)
         finally:
             ex.shutdown()
-    finally:
-        q.close()
-        q.join_thread()
 
 
 @pytest.mark.timeout(90)
 def test_a_replacement_engine_runs_the_initializer_with_the_inherited_queue(no_leaks):
-    q = multiprocessing.Queue()
-    try:
+    with _mp_queue() as q:
         with LocalCluster(2, start_method="fork", replace=True, initializer=tasks.init_put_pid,
                           initargs=(q,)) as ex:
             first = {pid for _, pid in _get_items(q, 2)}
@@ -323,21 +326,14 @@ def test_a_replacement_engine_runs_the_initializer_with_the_inherited_queue(no_l
             wait_until(lambda: len(ex.engines) == 2, 30, what="the replacement registered")
             assert set(ex.map(tasks.put_on_init_queue, range(20))) <= (first - {victim}) | {pid}
             assert sorted(x for _, x in _get_items(q, 20)) == list(range(20))
-    finally:
-        q.close()
-        q.join_thread()
 
 
 @pytest.mark.timeout(60)
 def test_spawned_engines_still_need_an_initializer_that_pickles(no_leaks):
-    q = multiprocessing.Queue()
-    try:
+    with _mp_queue() as q:
         cluster = LocalCluster(1, start_method="spawn", initializer=tasks.init_put_pid, initargs=(q,))
         with pytest.raises(RuntimeError, match="inheritance") as err:
             cluster.__enter__()
         assert not cluster.procs
         if sys.version_info >= (3, 11):
             assert any("start_method='fork'" in note for note in err.value.__notes__)
-    finally:
-        q.close()
-        q.join_thread()
