@@ -155,10 +155,11 @@ class _Held:
 
     Held only in a flood (the scheduler has COALESCE_AT of ours, or tasks are held
     already) and only a small task (one argument frame, no time limit; a callable
-    object rides in its arguments, see ``Client._held_task``): the IO thread sends it with the held tasks of the same function beside it
-    as one batch when that function is known short (``_coalesce``), one trip for many
-    instead of a message per task through the scheduler and an engine, which cost
-    more CPU than such a task itself.  Its arguments were pickled at submit (what the
+    object rides in its arguments, see ``Client._held_task``): the IO thread sends it
+    with the held tasks of the same function beside it as one batch when that
+    function is known short (``_coalesce``), one trip for many instead of a message
+    per task through the scheduler and an engine, which cost more CPU than such a
+    task itself.  Its arguments were pickled at submit (what the
     caller changes later is not seen, as for any task)."""
 
     __slots__ = ("fut", "key", "fn_frames", "arg_frames", "retries", "refs")
@@ -845,8 +846,8 @@ class Client:
 
     def _coalesce(self, msg_id: str, first: _Held) -> tuple[str, list, int]:
         """A held task's message (IO thread, under the send lock): alone, or as a batch
-        with the held tasks of the same function right behind it, when that function
-        is known to be short (``_batch_for``).  Each task keeps its own future and
+        with held tasks of the same function from among the next few, when that
+        function is known to be short (``_batch_for``).  Each task keeps its own future and
         gets its own result or exception (``_resolve_batch``); the batch goes and
         comes back as one message, through the scheduler and one engine.  Returns
         the message's id, its frames and how many tasks it carries.
@@ -1302,12 +1303,8 @@ class Client:
         if kind == "status" and c.get("state") == "started":
             self._started(c.get("msg_id"))
         elif kind == "stream" and self.forward_output:
-            stream = sys.stderr if c.get("name") == "stderr" else sys.stdout
-            try:
-                stream.write(str(c.get("text", "")))
-                stream.flush()
-            except Exception:  # noqa: BLE001 - a closed user stream must not kill the IO thread
-                pass
+            name = "stderr" if c.get("name") == "stderr" else "stdout"
+            self._write_output({name: str(c.get("text", ""))})
         elif kind == "log" and self.forward_output:
             self._log_records(c["records"], c.get("engine"))
 

@@ -786,9 +786,10 @@ class Engine:
         if isinstance(reply_to, str):
             idents = [reply_to.encode()]  # the client's receiving socket
         extra = {"parent_id": header.get("msg_id"), "status": content["status"], "engine": self.id}
-        if ("shm" in content or "batch" in content or "log" in content or "stdout" in content
-                or "stderr" in content):
-            extra["shm"] = True  # the client must read this reply's content
+        if len(content) > 1:
+            # the client must read this reply's content (shared memory, a batch's
+            # outcomes, log records, output): an "ok" reply without any goes unparsed
+            extra["shm"] = True
         if started is not None:
             extra.update(started=started, completed=completed, elapsed=completed - started)
         msg = self.session.pack("apply_reply", content, parent=parent, idents=idents,
